@@ -1,0 +1,1 @@
+"""Offline probes and benchmarks: tasks generated locally, in the evaluated model's tokenizer."""

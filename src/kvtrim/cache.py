@@ -1,0 +1,87 @@
+"""The compressed cache: transformers' own ``DynamicCache`` whose layer tensors are replaced by
+new, smaller tensors holding only the kept pairs — the evicted pairs' memory is really freed —
+plus byte accounting from real tensor storage and zero-copy snapshots.
+
+Why no custom Cache class: every transformers code path (masks, generate, sliding-window layers)
+already knows ``DynamicCache``; a layer whose ``keys`` tensor is shorter is all it takes, as long
+as RoPE positions are passed explicitly (the engine and session do).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+def tensor_bytes(tensor: torch.Tensor | None) -> int:
+    """Bytes of the storage behind ``tensor`` (what the allocator really holds for it)."""
+    if tensor is None:
+        return 0
+    return tensor.untyped_storage().nbytes()
+
+
+def logical_bytes(tensor: torch.Tensor | None) -> int:
+    """Bytes of the elements a tensor shows (its storage may be larger, e.g. a slice)."""
+    return 0 if tensor is None else tensor.numel() * tensor.element_size()
+
+
+def compact(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor that owns exactly its elements (copies a slice of a bigger storage)."""
+    return tensor.clone() if tensor_bytes(tensor) > logical_bytes(tensor) else tensor
+
+
+def layer_bytes(layer: Any) -> int:
+    return tensor_bytes(getattr(layer, "keys", None)) + tensor_bytes(getattr(layer, "values", None))
+
+
+def layer_tokens(layer: Any) -> int:
+    keys = getattr(layer, "keys", None)
+    return 0 if keys is None or keys.numel() == 0 else int(keys.shape[-2])
+
+
+def cache_bytes(cache: Any) -> int:
+    """Total bytes held by the K/V tensors of every layer."""
+    return sum(layer_bytes(layer) for layer in cache.layers)
+
+
+def cache_tokens(cache: Any) -> int:
+    """Total cached pairs summed over layers and kv-heads (B = 1) — a size, not a length."""
+    total = 0
+    for layer in cache.layers:
+        keys = getattr(layer, "keys", None)
+        if keys is not None and keys.numel():
+            total += int(keys.shape[0] * keys.shape[1] * keys.shape[2])
+    return total
+
+
+def gather_positions(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Keep ``indices`` along the sequence axis, in a new contiguous tensor.
+
+    tensor: (B, Hkv, T, D), indices: (B, Hkv, K) -> (B, Hkv, K, D)
+    """
+    expanded = indices[..., None].expand(-1, -1, -1, tensor.shape[-1])
+    return torch.gather(tensor, 2, expanded).contiguous()
+
+
+@dataclass
+class CacheSnapshot:
+    """References to every layer's tensors and counters.
+
+    ``DynamicCache.update`` concatenates into *new* tensors, so holding the old ones is enough to
+    restore the cache after a question: no copy is made.
+    """
+
+    states: list[dict[str, Any]]
+
+    @classmethod
+    def take(cls, cache: Any) -> CacheSnapshot:
+        keep = ("keys", "values", "cumulative_length", "is_initialized")
+        return cls([{k: getattr(layer, k) for k in keep if hasattr(layer, k)} for layer in cache.layers])
+
+    def restore(self, cache: Any) -> None:
+        del cache.layers[len(self.states) :]
+        for layer, state in zip(cache.layers, self.states, strict=True):
+            for key, value in state.items():
+                setattr(layer, key, value)

@@ -1,0 +1,147 @@
+"""Per-model statistics computed locally and cached on disk (never downloaded).
+
+Q-Filters: run the model over local text, collect post-RoPE queries of every layer and head,
+keep a random sample, take the first right singular vector per query head (oriented so most
+queries project positively on it), average the filters of the heads sharing a KV head. The result,
+(layers, kv-heads, head_dim), is saved as safetensors under the user cache dir, keyed by a
+fingerprint of the model's weights, so each model is calibrated once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from kvtrim.errors import KVTrimError
+from kvtrim.models import (
+    attention_modules,
+    cache_dir,
+    queries_from_projection,
+    query_projection,
+    rope_function,
+    text_config,
+)
+
+QFILTERS_VERSION = 1
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short id of the model's architecture and weights (two models never share calibration)."""
+    cfg = text_config(model)
+    digest = hashlib.sha1()
+    digest.update(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
+    first_proj, _ = query_projection(attention_modules(model)[0])
+    digest.update(first_proj.weight.detach().float().cpu().flatten()[:4096].numpy().tobytes())
+    name = Path(str(getattr(cfg, "_name_or_path", "") or cfg.model_type)).name.replace(" ", "_")
+    return f"{name[:60]}-{digest.hexdigest()[:12]}"
+
+
+def bundled_texts() -> list[str]:
+    """The redistributable prose shipped with kvtrim (default calibration corpus)."""
+    data = resources.files("kvtrim") / "data"
+    return [(data / name).read_text(encoding="utf-8") for name in ("essays.txt", "example.md")]
+
+
+def qfilters_path(model: nn.Module) -> Path:
+    return cache_dir() / "calibration" / model_fingerprint(model) / "qfilters.safetensors"
+
+
+def load_or_compute_qfilters(
+    model: nn.Module, tokenizer: Any, texts: list[str] | None = None, refresh: bool = False, **kwargs: Any
+) -> torch.Tensor:
+    """Filters (L, Hkv, D) from the disk cache, computing and saving them first if absent."""
+    path = qfilters_path(model)
+    if path.is_file() and not refresh and texts is None:
+        return load_file(str(path))["filters"]
+    if tokenizer is None:
+        raise KVTrimError(
+            "Q-Filters need calibration for this model: pass the tokenizer (or run `kvtrim calibrate`)."
+        )
+    print(f"kvtrim: calibrating Q-Filters for this model (once; cached in {path.parent})", file=sys.stderr)
+    filters = compute_qfilters(model, tokenizer, texts or bundled_texts(), **kwargs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"filters": filters.contiguous()}, str(path), metadata={"version": str(QFILTERS_VERSION)})
+    return filters
+
+
+def orient_filter(direction: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """Flip ``direction`` (D,) so that most ``queries`` (N, D) project positively on it."""
+    positive = (queries @ direction > 0).float().mean()
+    return direction if positive >= 0.5 else -direction
+
+
+def dominant_direction(queries: torch.Tensor) -> torch.Tensor:
+    """First right singular vector of ``queries`` (N, D), oriented like most queries: (D,)."""
+    direction = torch.linalg.svd(queries.float(), full_matrices=False).Vh[0]
+    return orient_filter(direction, queries.float())
+
+
+@torch.inference_mode()
+def compute_qfilters(
+    model: nn.Module,
+    tokenizer: Any,
+    texts: list[str],
+    n_sequences: int = 20,
+    seq_len: int = 2048,
+    n_samples: int = 3000,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Compute Q-Filters from ``texts``: returns (L, Hkv, D) float32 on CPU."""
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if len(ids) < 64:
+        raise KVTrimError("Calibration text is too short (need at least 64 tokens).")
+    seq_len = min(seq_len, len(ids), int(getattr(text_config(model), "max_position_embeddings", seq_len)))
+    starts = list(range(0, len(ids) - seq_len + 1, seq_len))[:n_sequences]
+    attentions = attention_modules(model)
+    per_seq = max(1, n_samples // len(starts))
+    gen = torch.Generator().manual_seed(seed)
+    collected: list[list[torch.Tensor]] = [[] for _ in attentions]
+    projected: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def stash(idx: int):
+        def hook(_m: nn.Module, _a: tuple, out: torch.Tensor) -> None:
+            projected[idx] = out
+
+        return hook
+
+    def collect(idx: int, attn: nn.Module):
+        def hook(_m: nn.Module, args: tuple, kwargs: dict, _out: Any) -> None:
+            q = queries_from_projection(attn, projected.pop(idx))  # (1, H, T, D)
+            cos, sin = kwargs["position_embeddings"]
+            q = rope_function(attn)(q, q, cos, sin)[0][0]  # (H, T, D) post-RoPE
+            pick = torch.randperm(q.shape[1], generator=gen)[:per_seq].to(q.device)
+            collected[idx].append(q[:, pick].float().cpu())
+
+        return hook
+
+    device = next(model.parameters()).device
+    try:
+        for idx, attn in enumerate(attentions):
+            proj, _ = query_projection(attn)
+            handles.append(proj.register_forward_hook(stash(idx)))
+            handles.append(attn.register_forward_hook(collect(idx, attn), with_kwargs=True))
+        for start in tqdm(starts, desc="calibrating Q-Filters", unit="seq", file=sys.stderr):
+            model(input_ids=torch.tensor([ids[start : start + seq_len]], device=device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    filters = []
+    for chunks in collected:
+        queries = torch.cat(chunks, dim=1)  # (H, N, D)
+        per_head = torch.stack([dominant_direction(head) for head in queries])  # (H, D)
+        n_kv = text_config(model).num_key_value_heads
+        filters.append(per_head.view(n_kv, -1, per_head.shape[-1]).mean(dim=1))  # (Hkv, D)
+    return torch.stack(filters)  # (L, Hkv, D)

@@ -1,0 +1,221 @@
+"""Compress each layer's cache during prefill, right after that layer's attention ran.
+
+Two forward hooks per layer, both standard PyTorch seams (no monkeypatching):
+- on the query projection: keep a reference to its output, so scorers get the queries without
+  recomputing them (recomputing would cost ~8% of a prefill);
+- on the attention module: once the layer has written its K/V into the cache, score the pairs,
+  keep the top ones and swap the layer's tensors for smaller ones. The next layer then runs with
+  this layer already compressed, so at most one layer's cache is uncompressed at any time.
+
+Compression happens on the *first* forward of a cache (its prefill): later forwards — the
+question, decoded tokens — only read the compressed cache.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from kvtrim.budgets import check_ratio, n_keep, top_indices
+from kvtrim.cache import compact, gather_positions, layer_bytes, layer_tokens, logical_bytes
+from kvtrim.methods import LayerView, Scorer, make_scorer
+from kvtrim.models import (
+    attention_modules,
+    check_supported,
+    queries_from_projection,
+    query_projection,
+    rope_function,
+    rotary_for,
+)
+
+
+@dataclass
+class CompressionStats:
+    """Figures of the last compression, from the real tensors (bytes are storage bytes)."""
+
+    kv_tokens_before: int = 0
+    kv_tokens_after: int = 0
+    kv_bytes_before: int = 0
+    kv_bytes_after: int = 0
+    compress_s: float = 0.0
+    layers_compressed: int = 0
+    per_layer_kept: list[int] = field(default_factory=list)
+
+    @property
+    def bytes_saved(self) -> int:
+        return self.kv_bytes_before - self.kv_bytes_after
+
+
+class Compressor:
+    """Attaches to a model and compresses the cache of every prefill it sees while attached."""
+
+    def __init__(self, model: nn.Module, scorer: Scorer, ratio: float, seed: int = 0):
+        check_supported(model)
+        self.model = model
+        self.scorer = scorer
+        self.ratio = check_ratio(ratio)
+        self.seed = seed
+        self.stats = CompressionStats()
+        self._attentions = attention_modules(model)
+        self._projected: dict[int, torch.Tensor] = {}
+        self._handles: list[Any] = []
+        self._rotations: dict[Any, torch.Tensor] = {}
+
+    @contextmanager
+    def attached(self) -> Iterator[Compressor]:
+        """Register the hooks; they are removed on exit, even if the body raises.
+
+        The scorer must be set up (``scorer.setup(model, tokenizer)``) before the first prefill.
+        """
+        try:
+            for idx, attn in enumerate(self._attentions):
+                proj, _ = query_projection(attn)
+                self._handles.append(proj.register_forward_hook(self._stash_queries(idx)))
+                self._handles.append(attn.register_forward_hook(self._compress_layer(idx), with_kwargs=True))
+            yield self
+        finally:
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+            self._projected.clear()
+
+    def _stash_queries(self, idx: int):
+        def hook(_module: nn.Module, _args: tuple, output: torch.Tensor) -> None:
+            self._projected[idx] = output.detach()
+
+        return hook
+
+    def _compress_layer(self, idx: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            projected = self._projected.pop(idx, None)
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            if cache is None or hidden is None or idx >= len(cache.layers):
+                return
+            layer = cache.layers[idx]
+            q_len = hidden.shape[1]
+            if not _is_first_forward(layer, q_len):
+                return  # the question or a decoded token: the cache is only read
+            if getattr(layer, "is_sliding", False):
+                # Already bounded by its window, so not compressed. transformers keeps the window
+                # as a slice of the whole prefill's tensor, though, holding all T pairs alive:
+                # copying the window out frees them.
+                held = layer_tokens(layer)
+                before = logical_bytes(layer.keys) + logical_bytes(layer.values)
+                layer.keys, layer.values = compact(layer.keys), compact(layer.values)
+                self._account(layer, before, held, held)
+                return
+            start = time.perf_counter()
+            self._compress(module, idx, layer, kwargs, projected)
+            self.stats.compress_s += time.perf_counter() - start
+
+        return hook
+
+    def _compress(self, attn: nn.Module, idx: int, layer: Any, kwargs: dict, projected: Any) -> None:
+        keys, values = layer.keys, layer.values  # (B, Hkv, T, D)
+        seq = keys.shape[-2]
+        bytes_before = layer_bytes(layer)
+        keep = n_keep(seq, self.ratio) if self.scorer.evicts else seq
+        if keep < seq:
+            view = self._view(attn, idx, keys, values, kwargs, projected)
+            indices = top_indices(self.scorer.score(view), keep)  # (B, Hkv, keep)
+            layer.keys = gather_positions(keys, indices)
+            layer.values = gather_positions(values, indices)
+        self.stats.layers_compressed += 1
+        self._account(layer, bytes_before, seq, keep)
+
+    def _account(self, layer: Any, bytes_before: int, seq: int, keep: int) -> None:
+        heads = layer.keys.shape[0] * layer.keys.shape[1]
+        self.stats.kv_bytes_before += bytes_before
+        self.stats.kv_bytes_after += layer_bytes(layer)
+        self.stats.kv_tokens_before += seq * heads
+        self.stats.kv_tokens_after += keep * heads
+        self.stats.per_layer_kept.append(keep)
+
+    def _view(
+        self,
+        attn: nn.Module,
+        idx: int,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        kwargs: dict,
+        projected: Any,
+    ) -> LayerView:
+        seq = keys.shape[-2]
+        position_ids = kwargs.get("position_ids")
+        if position_ids is not None:
+            query_positions = position_ids[0].to(keys.device)
+        else:
+            query_positions = torch.arange(seq, device=keys.device)
+        key_positions = torch.arange(seq, device=keys.device) + (int(query_positions[-1]) + 1 - seq)
+        rope = rope_function(attn)
+        rotary = rotary_for(self.model, attn)
+
+        def pre_rope_queries() -> torch.Tensor:
+            if projected is None:
+                raise RuntimeError("queries were not captured for this layer")
+            with torch.inference_mode():
+                return queries_from_projection(attn, projected)
+
+        def rotate(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                cos, sin = rotary(positions, like=x)
+                return rope(x, x, cos, sin)[0]
+
+        return LayerView(
+            layer_idx=idx,
+            keys=keys,
+            values=values,
+            key_positions=key_positions,
+            query_positions=query_positions,
+            n_heads=attn.config.num_attention_heads,
+            head_dim=attn.head_dim,
+            scaling=float(attn.scaling),
+            pre_rope_queries=pre_rope_queries,
+            rotate_fn=rotate,
+            seed=self.seed,
+            rope_key=(id(rotary.rotary), rotary.layer_type),
+            rotation_cache=self._rotations,
+        )
+
+
+def _is_first_forward(layer: Any, q_len: int) -> bool:
+    """True when the layer has seen nothing but the current forward's tokens (its prefill)."""
+    seen = getattr(layer, "cumulative_length", None)
+    if isinstance(seen, int):
+        return seen == q_len
+    return layer_tokens(layer) == q_len
+
+
+@contextmanager
+def compressing(
+    model: nn.Module,
+    method: str | Scorer = "expected-attention",
+    ratio: float = 0.5,
+    *,
+    tokenizer: Any = None,
+    seed: int = 0,
+    **options: Any,
+) -> Iterator[Compressor]:
+    """Compress the prefill of every ``model.generate`` / forward call made inside the block.
+
+    >>> with kvtrim.compressing(model, "knorm", ratio=0.5) as press:
+    ...     out = model.generate(input_ids, max_new_tokens=20)
+    >>> press.stats.kv_bytes_after
+
+    The whole prompt (question included) is compressed, so the result is question-aware; use
+    :func:`kvtrim.compress` to compress a context once and ask it many questions. RoPE positions stay
+    true because ``generate`` derives them from the attention mask, not from the cache length.
+    Hooks are removed when the block exits, even on an exception.
+    """
+    scorer = make_scorer(method, **options)
+    compressor = Compressor(model, scorer, ratio, seed=seed)
+    scorer.setup(model, tokenizer)
+    with compressor.attached() as attached:
+        yield attached

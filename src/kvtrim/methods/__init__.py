@@ -1,0 +1,35 @@
+"""The scorer registry: a method name in the API and CLI is a scorer with default options."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvtrim.errors import KVTrimError
+from kvtrim.methods.base import LayerView, Scorer
+from kvtrim.methods.expected_attention import ExpectedAttention
+from kvtrim.methods.qfilters import QFilters
+from kvtrim.methods.simple import KNorm, NoEviction, RandomScorer, StreamingLLM
+
+METHODS: dict[str, type[Scorer]] = {
+    cls.name: cls for cls in (NoEviction, KNorm, ExpectedAttention, QFilters, RandomScorer, StreamingLLM)
+}
+
+
+def make_scorer(method: str | Scorer, **options: Any) -> Scorer:
+    """Build a scorer from its name and options (or pass a ready :class:`Scorer` through)."""
+    if isinstance(method, Scorer):
+        if options:
+            raise KVTrimError("Options cannot be given together with a ready Scorer instance.")
+        return method
+    cls = METHODS.get(method)
+    if cls is None:
+        raise KVTrimError(
+            f"Unknown method {method!r}. Available: {', '.join(METHODS)} (see `kvtrim methods`)."
+        )
+    try:
+        return cls(**options)
+    except TypeError as err:
+        raise KVTrimError(f"Bad option for method {method!r}: {err}") from err
+
+
+__all__ = ["METHODS", "LayerView", "Scorer", "make_scorer"]

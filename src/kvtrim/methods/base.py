@@ -1,0 +1,92 @@
+"""What a scorer sees (:class:`LayerView`) and what it must provide (:class:`Scorer`).
+
+A scorer maps one attention layer's cache to one score per (batch, kv-head, position); higher
+means keep. Scorers never touch the model or the cache: the engine hands them a ``LayerView``
+with lazily computed queries and the layer's own RoPE, which keeps each scorer a few dozen lines
+and testable on plain tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+
+@dataclass
+class LayerView:
+    """One attention layer during compression.
+
+    keys / values: (B, Hkv, T, D), keys after RoPE, exactly as cached.
+    key_positions: (T,) absolute position of every cached pair.
+    query_positions: (Tq,) absolute positions of the tokens of the current forward (the last Tq keys).
+    """
+
+    layer_idx: int
+    keys: torch.Tensor
+    values: torch.Tensor
+    key_positions: torch.Tensor
+    query_positions: torch.Tensor
+    n_heads: int
+    head_dim: int
+    scaling: float
+    pre_rope_queries: Callable[[], torch.Tensor]
+    rotate_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    seed: int = 0
+    #: identifies the layer's RoPE (layers sharing it share rotations); None disables caching
+    rope_key: Any = None
+    #: shared across the layers of one compression, so R̄ is computed once, not once per layer
+    rotation_cache: dict[Any, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def group_size(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+    def queries(self, rotated: bool = False) -> torch.Tensor:
+        """Queries of the current forward's tokens: (B, H, Tq, D), pre-RoPE (q-norm applied) or post-RoPE."""
+        q = self.pre_rope_queries()
+        return self.rotate(q, self.query_positions) if rotated else q
+
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Apply the layer's RoPE to x: (B, H, P, D) at positions (P,)."""
+        return self.rotate_fn(x, positions)
+
+    def mean_rotation(self, positions: torch.Tensor) -> torch.Tensor:
+        """R̄ = mean_p R_p over ``positions``, as a (D, D) matrix with R̄ @ x = mean_p rotate(x, p)."""
+        key = None
+        if self.rope_key is not None and len(positions):
+            key = (self.rope_key, int(positions[0]), int(positions[-1]), len(positions), self.keys.dtype)
+            if key in self.rotation_cache:
+                return self.rotation_cache[key]
+        d = self.head_dim
+        eye = torch.eye(d, dtype=torch.float32, device=self.keys.device)
+        basis = eye[None, :, None, :].expand(1, d, len(positions), d)  # (1, D basis vectors, P, D)
+        rotated = self.rotate(basis.to(self.keys.dtype), positions).float()  # (1, D, P, D)
+        # rotated[0, j].mean(0) = R̄ e_j, i.e. column j of R̄
+        mean_rot = rotated[0].mean(1).T.contiguous()  # (D, D)
+        if key is not None:
+            self.rotation_cache[key] = mean_rot
+        return mean_rot
+
+
+class Scorer:
+    """Base class of every scoring method. Subclasses are dataclasses whose fields are options."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    #: False only for ``none``: the engine then never evicts.
+    evicts: ClassVar[bool] = True
+
+    def setup(self, model: torch.nn.Module, tokenizer: Any) -> None:
+        """Prepare model-specific data once (e.g. calibration); default: nothing."""
+
+    def score(self, view: LayerView) -> torch.Tensor:
+        """Return scores of shape (B, Hkv, T); higher = keep."""
+        raise NotImplementedError

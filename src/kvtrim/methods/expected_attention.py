@@ -1,0 +1,82 @@
+"""Expected Attention (arXiv 2510.00636): how much will *future* queries attend to each key?
+
+Future queries are modelled as q ~ N(μ̄, Σ̄): the mean and covariance of the context's pre-RoPE
+queries, rotated by the RoPE matrix averaged over the next ``n_future_positions`` positions. For
+a Gaussian, E[exp(s·qᵀk)] = exp(s·μ̄ᵀk + s²·kᵀΣ̄k/2) (s = the layer's softmax scaling, 1/√D for most
+models), so the expected attention is a softmax over keys of that exponent, computed in closed
+form with no attention matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvtrim.methods.base import LayerView, Scorer
+
+
+def query_statistics(queries: torch.Tensor, use_covariance: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """queries: (B, H, N, D) -> mean (B, H, D), covariance (B, H, D, D) = (q−μ)ᵀ(q−μ)/N or None."""
+    q = queries.float()
+    mean = q.mean(dim=2)  # (B, H, D)
+    if not use_covariance:
+        return mean, None
+    centred = q - mean[:, :, None]  # (B, H, N, D)
+    cov = centred.transpose(-1, -2) @ centred / q.shape[2]  # (B, H, D, D)
+    return mean, cov
+
+
+def expected_logits(
+    keys: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
+    """log E[exp(s·qᵀk)] for q ~ N(mean, cov), per query head.
+
+    keys: (B, H, T, D) (already repeated per query head); mean: (B, H, D); cov: (B, H, D, D).
+    Returns (B, H, T).
+    """
+    k = keys.float()
+    logits = scaling * torch.einsum("bhtd,bhd->bht", k, mean)
+    if cov is not None:
+        quad = torch.einsum("bhtd,bhtd->bht", k @ cov, k)  # kᵀΣk, (B, H, T)
+        logits = logits + 0.5 * scaling**2 * quad
+    return logits
+
+
+@dataclass
+class ExpectedAttention(Scorer):
+    """Closed-form expected attention of future queries, weighted by value norm."""
+
+    name = "expected-attention"
+    summary = "Closed-form attention that future queries (Gaussian, averaged RoPE) will pay each key."
+    paper = "arXiv 2510.00636"
+    n_sink: int = 4
+    n_future_positions: int = 512
+    use_covariance: bool = True
+    use_vnorm: bool = True
+    epsilon: float = 0.0
+
+    def score(self, view: LayerView) -> torch.Tensor:
+        bsz, n_kv, _, _ = view.keys.shape
+        queries = view.queries()  # (B, H, Tq, D), pre-RoPE
+        not_sink = view.query_positions.to(queries.device) >= self.n_sink
+        if int(not_sink.sum()) >= 2:
+            queries = queries[:, :, not_sink]
+        mean, cov = query_statistics(queries, self.use_covariance)
+
+        start = int(view.query_positions[-1]) + 1
+        future = torch.arange(start, start + self.n_future_positions, device=view.keys.device)
+        rot = view.mean_rotation(future)  # (D, D)
+        mean = mean @ rot.T  # R̄μ as row vectors, (B, H, D)
+        if cov is not None:
+            cov = rot @ cov @ rot.T  # R̄ Σ R̄ᵀ, (B, H, D, D)
+
+        keys = view.keys.repeat_interleave(view.group_size, dim=1)  # (B, H, T, D)
+        logits = expected_logits(keys, mean, cov, view.scaling)  # (B, H, T)
+        is_sink = (view.key_positions < self.n_sink).to(logits.device)  # (T,)
+        logits = logits.masked_fill(is_sink, -torch.inf)
+        probs = torch.softmax(logits, dim=-1)  # (B, H, T)
+        scores = probs.view(bsz, n_kv, view.group_size, -1).mean(dim=2)  # (B, Hkv, T)
+        if self.use_vnorm:
+            scores = (scores + self.epsilon) * view.values.float().norm(dim=-1)
+        return scores.masked_fill(is_sink, torch.inf)

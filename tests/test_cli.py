@@ -1,0 +1,110 @@
+"""The command line: documented exit code 2 and a one-line message for every user mistake."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import make_model, make_tokenizer, sample_text
+
+
+def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "kvtrim.cli", *args], capture_output=True, text=True, input=stdin, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_model("llama", max_positions=256).save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def _assert_user_error(result: subprocess.CompletedProcess, fragment: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert fragment in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_methods_lists_every_method():
+    from kvtrim.methods import METHODS
+
+    result = run("methods")
+    assert result.returncode == 0
+    for name, cls in METHODS.items():
+        assert name in result.stdout and cls.paper in result.stdout
+
+
+def test_unknown_method(tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("hello")
+    _assert_user_error(run("ask", str(doc), "-q", "q?", "--method", "nope"), "Unknown method 'nope'")
+
+
+@pytest.mark.parametrize("ratio", ["1", "-0.2", "x"])
+def test_bad_ratio(tmp_path, ratio):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("hello")
+    _assert_user_error(run("ask", str(doc), "-q", "q?", "--ratio", ratio), "ratio")
+
+
+def test_missing_and_empty_context(tmp_path, tiny_dir):
+    _assert_user_error(run("ask", str(tmp_path / "none.txt"), "-q", "q?"), "not found")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    _assert_user_error(run("ask", str(empty), "-q", "q?", "--model", tiny_dir), "empty")
+
+
+def test_context_too_long(tmp_path, tiny_dir):
+    doc = tmp_path / "long.txt"
+    doc.write_text(sample_text(400))
+    _assert_user_error(run("ask", str(doc), "-q", "q?", "--model", tiny_dir), "window of 256")
+
+
+def test_unknown_model(tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("hello")
+    _assert_user_error(
+        run("ask", str(doc), "-q", "q?", "--model", str(tmp_path / "missing.gguf")), "not found"
+    )
+    _assert_user_error(
+        run("ask", str(doc), "-q", "q?", "--model", "no-org/no-model-kvtrim"), "Cannot load model"
+    )
+
+
+def test_ask_json_with_local_model(tmp_path, tiny_dir):
+    doc = tmp_path / "doc.txt"
+    doc.write_text(sample_text(150))
+    result = run(
+        "ask",
+        str(doc),
+        "-q",
+        "one?",
+        "-q",
+        "two?",
+        "--model",
+        tiny_dir,
+        "--method",
+        "knorm",
+        "--ratio",
+        "0.75",
+        "--json",
+        "--max-new-tokens",
+        "4",
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert len(report["answers"]) == 2
+    assert report["kv_bytes_after"] < report["kv_bytes_before"]
+    assert report["kv_tokens_before"] == report["context_tokens"] * 3 * 2  # layers x kv-heads
+    assert set(report) >= {"kv_tokens_after", "prefill_s", "compress_s", "answer_s"}
+
+
+def test_stdin_context(tiny_dir):
+    result = run("ask", "-", "-q", "q?", "--model", tiny_dir, "--max-new-tokens", "2", stdin=sample_text(80))
+    assert result.returncode == 0, result.stderr
+    assert "KV cache" in result.stdout

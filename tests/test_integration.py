@@ -1,0 +1,91 @@
+"""Integration tests on the embedded SmolLM2-135M-Instruct (real weights, offline).
+
+Single needle in ~2k tokens of noise haystack, 10 depths, ratio 0.5, question never seen during
+compression. The thresholds are the accuracies measured when each method was added (no
+regression allowed); see docs/results.md for the figures and the analysis.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import kvtrim
+from kvtrim.bench.needle import needle_sample
+
+pytestmark = pytest.mark.integration
+
+DEPTHS = [i / 9 for i in range(10)]
+MEASURED = {"knorm": 8, "expected-attention": 1, "qfilters": 9}
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return kvtrim.load_model()
+
+
+@pytest.fixture(scope="module")
+def samples(embedded):
+    _, tokenizer = embedded
+    return [needle_sample(tokenizer, 2000, depth, seed=i) for i, depth in enumerate(DEPTHS)]
+
+
+def _hits(embedded, samples, method: str, ratio: float) -> list[int]:
+    model, tokenizer = embedded
+    hits = []
+    for sample in samples:
+        session = kvtrim.compress(model, tokenizer, sample.context, method=method, ratio=ratio)
+        hits.append(int(sample.answer in session.ask(sample.question, max_new_tokens=32)))
+    return hits
+
+
+def test_needle_found_at_every_depth_without_eviction(embedded, samples):
+    assert _hits(embedded, samples, "none", 0.5) == [1] * len(DEPTHS)
+
+
+@pytest.mark.parametrize("method", list(MEASURED))
+def test_needle_accuracy_at_half_cache_holds(embedded, samples, method):
+    hits = _hits(embedded, samples, method, 0.5)
+    print(f"{method}: {sum(hits)}/{len(hits)} {hits}")
+    assert sum(hits) >= MEASURED[method]
+
+
+def test_cli_json_reports_answers_and_memory(tmp_path):
+    doc = Path(kvtrim.__file__).parent / "data" / "example.md"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kvtrim.cli",
+            "ask",
+            str(doc),
+            "-q",
+            "Who is the chief keeper?",
+            "-q",
+            "What colour is the light?",
+            "--method",
+            "knorm",
+            "--ratio",
+            "0.5",
+            "--json",
+            "--max-new-tokens",
+            "24",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    report = json.loads(result.stdout)
+    assert [a["question"] for a in report["answers"]] == [
+        "Who is the chief keeper?",
+        "What colour is the light?",
+    ]
+    assert "Ellison" in report["answers"][0]["answer"]
+    assert report["kv_tokens_after"] * 2 == pytest.approx(report["kv_tokens_before"], rel=0.01)
+    assert report["kv_bytes_after"] * 2 == pytest.approx(report["kv_bytes_before"], rel=0.01)
+    for key in ("prefill_s", "compress_s", "answer_s"):
+        assert report[key] > 0
