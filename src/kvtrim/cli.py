@@ -178,6 +178,7 @@ def _ask(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    """Answer the bundled questions from the full cache and from the compressed one, side by side."""
     from importlib import resources
 
     import kvtrim
@@ -189,23 +190,31 @@ def _demo(args: argparse.Namespace) -> int:
     make_scorer(args.method)
     print(f"Loading the model ({args.model or 'embedded SmolLM2-135M-Instruct'})...", file=sys.stderr)
     model, tokenizer = kvtrim.load_model(args.model)
-    print(f"Compressing the example document with {args.method} at ratio {args.ratio:g}...", file=sys.stderr)
-    session = kvtrim.compress(model, tokenizer, document, method=args.method, ratio=args.ratio)
-    correct = 0
+    runs = [("none", 0.0), (args.method, args.ratio)] if args.method != "none" else [("none", 0.0)]
+    sessions = []
+    for method, ratio in runs:
+        print(f"Prefilling the example document with {method} at ratio {ratio:g}...", file=sys.stderr)
+        sessions.append(kvtrim.compress(model, tokenizer, document, method=method, ratio=ratio))
+    correct = [0] * len(sessions)
     for item in questions:
-        answer = session.ask(item["question"], max_new_tokens=32)
-        found = _normalise(item["answer"]) in _normalise(answer)
-        correct += found
-        verdict = "ok" if found else "missed"
-        print(f"Q: {item['question']}\nA: {answer}\n   expected: {item['answer']} [{verdict}]\n")
-    stats, mib = session.stats, 1024 * 1024
-    print(f"{correct}/{len(questions)} answers contain the expected fact.")
-    print(
-        f"Context: {session.context_length} tokens. KV cache {stats.kv_bytes_before / mib:.1f} MiB -> "
-        f"{stats.kv_bytes_after / mib:.1f} MiB ({stats.bytes_saved / mib:.1f} MiB saved, "
-        f"{stats.bytes_saved / stats.kv_bytes_before:.0%})."
-    )
-    print(f"Prefill {session.prefill_s:.2f} s, compression {stats.compress_s:.3f} s.")
+        print(f"Q: {item['question']}   (expected: {item['answer']})")
+        for i, session in enumerate(sessions):
+            answer = session.ask(item["question"], max_new_tokens=32)
+            found = _normalise(item["answer"]) in _normalise(answer)
+            correct[i] += found
+            label = f"{session.method} {session.ratio:g}"
+            print(f"  [{'ok' if found else '--'}] {label:<24} {answer}")
+        print()
+    mib = 1024 * 1024
+    print(f"Context: {sessions[0].context_length} tokens.")
+    for session, hits in zip(sessions, correct, strict=True):
+        stats = session.stats
+        print(
+            f"{session.method} at ratio {session.ratio:g}: {hits}/{len(questions)} expected facts; "
+            f"KV cache {stats.kv_bytes_after / mib:.1f} MiB of {stats.kv_bytes_before / mib:.1f} MiB "
+            f"({stats.bytes_saved / mib:.1f} MiB saved); prefill {session.prefill_s:.2f} s, "
+            f"compression {stats.compress_s:.3f} s."
+        )
     return 0
 
 

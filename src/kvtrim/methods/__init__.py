@@ -6,12 +6,36 @@ from typing import Any
 
 from kvtrim.errors import KVTrimError
 from kvtrim.methods.base import LayerView, Scorer
+from kvtrim.methods.chunkkv import ChunkKV
+from kvtrim.methods.cur import CUR
 from kvtrim.methods.expected_attention import ExpectedAttention
+from kvtrim.methods.keydiff import KeyDiff
+from kvtrim.methods.lagkv import LagKV
+from kvtrim.methods.leverage import Leverage
+from kvtrim.methods.observed_attention import ObservedAttention
 from kvtrim.methods.qfilters import QFilters
 from kvtrim.methods.simple import KNorm, NoEviction, RandomScorer, StreamingLLM
+from kvtrim.methods.snapkv import SnapKV
+from kvtrim.methods.tova import TOVA
 
 METHODS: dict[str, type[Scorer]] = {
-    cls.name: cls for cls in (NoEviction, KNorm, ExpectedAttention, QFilters, RandomScorer, StreamingLLM)
+    cls.name: cls
+    for cls in (
+        NoEviction,
+        KNorm,
+        ExpectedAttention,
+        QFilters,
+        RandomScorer,
+        StreamingLLM,
+        SnapKV,
+        TOVA,
+        ObservedAttention,
+        KeyDiff,
+        LagKV,
+        CUR,
+        Leverage,
+        ChunkKV,
+    )
 }
 
 
