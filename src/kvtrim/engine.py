@@ -65,7 +65,6 @@ class Compressor:
         self._attentions = attention_modules(model)
         self._projected: dict[int, torch.Tensor] = {}
         self._handles: list[Any] = []
-        self._rotations: dict[Any, torch.Tensor] = {}
 
     @contextmanager
     def attached(self) -> Iterator[Compressor]:
@@ -180,9 +179,19 @@ class Compressor:
             pre_rope_queries=pre_rope_queries,
             rotate_fn=rotate,
             seed=self.seed,
-            rope_key=(id(rotary.rotary), rotary.layer_type),
-            rotation_cache=self._rotations,
+            rope_key=rotary.layer_type,
+            rotation_cache=_rotation_cache(rotary.rotary),
         )
+
+
+def _rotation_cache(rotary: nn.Module) -> dict:
+    """Averaged RoPE matrices live on the rotary module itself: shared by every layer and every
+    compression of that model, and gone with the model."""
+    cache = getattr(rotary, "_kvtrim_mean_rotations", None)
+    if cache is None:
+        cache = {}
+        rotary._kvtrim_mean_rotations = cache
+    return cache
 
 
 def _is_first_forward(layer: Any, q_len: int) -> bool:

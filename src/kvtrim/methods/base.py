@@ -61,7 +61,8 @@ class LayerView:
         """R̄ = mean_p R_p over ``positions``, as a (D, D) matrix with R̄ @ x = mean_p rotate(x, p)."""
         key = None
         if self.rope_key is not None and len(positions):
-            key = (self.rope_key, int(positions[0]), int(positions[-1]), len(positions), self.keys.dtype)
+            first, last, device = int(positions[0]), int(positions[-1]), self.keys.device
+            key = (self.rope_key, first, last, len(positions), self.keys.dtype, device)
             if key in self.rotation_cache:
                 return self.rotation_cache[key]
         d = self.head_dim
@@ -71,6 +72,8 @@ class LayerView:
         # rotated[0, j].mean(0) = R̄ e_j, i.e. column j of R̄
         mean_rot = rotated[0].mean(1).T.contiguous()  # (D, D)
         if key is not None:
+            if len(self.rotation_cache) >= 64:  # one entry per context length seen: stay bounded
+                self.rotation_cache.clear()
             self.rotation_cache[key] = mean_rot
         return mean_rot
 

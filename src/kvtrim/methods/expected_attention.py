@@ -59,9 +59,10 @@ class ExpectedAttention(Scorer):
     def score(self, view: LayerView) -> torch.Tensor:
         bsz, n_kv, _, _ = view.keys.shape
         queries = view.queries()  # (B, H, Tq, D), pre-RoPE
-        not_sink = view.query_positions.to(queries.device) >= self.n_sink
-        if int(not_sink.sum()) >= 2:
-            queries = queries[:, :, not_sink]
+        # positions increase along the sequence, so the non-sink queries are a suffix: slice, don't copy
+        first = int(torch.searchsorted(view.query_positions.cpu(), self.n_sink))
+        if queries.shape[2] - first >= 2:
+            queries = queries[:, :, first:]
         mean, cov = query_statistics(queries, self.use_covariance)
 
         start = int(view.query_positions[-1]) + 1
