@@ -33,10 +33,15 @@ def compact(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def layer_bytes(layer: Any) -> int:
+    if hasattr(layer, "head_keys"):  # ragged layer: one tensor per head
+        return layer.nbytes()
     return tensor_bytes(getattr(layer, "keys", None)) + tensor_bytes(getattr(layer, "values", None))
 
 
 def layer_tokens(layer: Any) -> int:
+    """Length of the layer's sequence axis (the longest head's, for a ragged layer)."""
+    if hasattr(layer, "head_keys"):
+        return layer.get_seq_length()
     keys = getattr(layer, "keys", None)
     return 0 if keys is None or keys.numel() == 0 else int(keys.shape[-2])
 
@@ -50,6 +55,9 @@ def cache_tokens(cache: Any) -> int:
     """Total cached pairs summed over layers and kv-heads (B = 1) — a size, not a length."""
     total = 0
     for layer in cache.layers:
+        if hasattr(layer, "head_keys"):
+            total += layer.n_pairs()
+            continue
         keys = getattr(layer, "keys", None)
         if keys is not None and keys.numel():
             total += int(keys.shape[0] * keys.shape[1] * keys.shape[2])
@@ -77,7 +85,7 @@ class CacheSnapshot:
 
     @classmethod
     def take(cls, cache: Any) -> CacheSnapshot:
-        keep = ("keys", "values", "cumulative_length", "is_initialized")
+        keep = ("keys", "values", "head_keys", "head_values", "cumulative_length", "is_initialized")
         return cls([{k: getattr(layer, k) for k in keep if hasattr(layer, k)} for layer in cache.layers])
 
     def restore(self, cache: Any) -> None:

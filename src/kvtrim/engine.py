@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from kvtrim.budgets import check_ratio, n_keep, top_indices
+from kvtrim import ragged
+from kvtrim.budgets import Budget, UniformBudget, check_ratio, make_budget
 from kvtrim.cache import compact, gather_positions, layer_bytes, layer_tokens, logical_bytes
 from kvtrim.methods import LayerView, Scorer, make_scorer
 from kvtrim.models import (
@@ -45,7 +46,7 @@ class CompressionStats:
     kv_bytes_after: int = 0
     compress_s: float = 0.0
     layers_compressed: int = 0
-    per_layer_kept: list[int] = field(default_factory=list)
+    per_layer_kept: list[float] = field(default_factory=list)
 
     @property
     def bytes_saved(self) -> int:
@@ -55,11 +56,17 @@ class CompressionStats:
 class Compressor:
     """Attaches to a model and compresses the cache of every prefill it sees while attached."""
 
-    def __init__(self, model: nn.Module, scorer: Scorer, ratio: float, seed: int = 0):
+    def __init__(
+        self, model: nn.Module, scorer: Scorer, ratio: float, seed: int = 0, budget: str | Budget = "uniform"
+    ):
         check_supported(model)
         self.model = model
         self.scorer = scorer
         self.ratio = check_ratio(ratio)
+        self.budget = make_budget(budget)
+        if not isinstance(self.budget, UniformBudget):
+            # Uneven heads or layers need kvtrim's attention function (sdpa for ordinary caches).
+            ragged.enable(model)
         self.seed = seed
         self.stats = CompressionStats()
         self._attentions = attention_modules(model)
@@ -111,31 +118,49 @@ class Compressor:
                 self._account(layer, before, held, held)
                 return
             start = time.perf_counter()
-            self._compress(module, idx, layer, kwargs, projected)
+            self._compress(module, idx, layer, kwargs, projected, cache)
             self.stats.compress_s += time.perf_counter() - start
 
         return hook
 
-    def _compress(self, attn: nn.Module, idx: int, layer: Any, kwargs: dict, projected: Any) -> None:
+    def _compress(
+        self, attn: nn.Module, idx: int, layer: Any, kwargs: dict, projected: Any, cache: Any
+    ) -> None:
         keys, values = layer.keys, layer.values  # (B, Hkv, T, D)
         seq = keys.shape[-2]
         bytes_before = layer_bytes(layer)
-        keep = n_keep(seq, self.ratio) if self.scorer.evicts else seq
-        if keep < seq:
-            view = self._view(attn, idx, keys, values, kwargs, projected)
-            indices = top_indices(self.scorer.score(view), keep)  # (B, Hkv, keep)
-            layer.keys = gather_positions(keys, indices)
-            layer.values = gather_positions(values, indices)
         self.stats.layers_compressed += 1
-        self._account(layer, bytes_before, seq, keep)
+        if not (self.scorer.evicts and self.budget.evicts(seq, self.ratio)):
+            self._account(layer, bytes_before, seq, seq)
+            return
+        view = self._view(attn, idx, keys, values, kwargs, projected)
+        chosen = self.budget.select(self.scorer.score(view), idx, len(self._attentions), self.ratio)
+        if chosen.dtype == torch.bool:  # (B, Hkv, T) keep mask
+            counts = chosen.sum(dim=-1)  # (B, Hkv)
+            if bool((counts == counts.flatten()[0]).all()):
+                chosen = chosen.nonzero()[:, -1].view(*counts.shape, -1)  # (B, Hkv, K) sorted
+            else:
+                cache.layers[idx] = ragged.RaggedLayer.from_mask(keys, values, chosen)
+                self._account(cache.layers[idx], bytes_before, seq, int(counts.sum()) / counts.numel())
+                return
+        layer.keys = gather_positions(keys, chosen)
+        layer.values = gather_positions(values, chosen)
+        self._account(layer, bytes_before, seq, chosen.shape[-1])
 
-    def _account(self, layer: Any, bytes_before: int, seq: int, keep: int) -> None:
-        heads = layer.keys.shape[0] * layer.keys.shape[1]
+    def _account(self, layer: Any, bytes_before: int, seq: int, keep: float) -> None:
+        """Record one layer; ``keep`` is pairs per head (a mean for ragged layers)."""
+        heads = self._heads(layer)
         self.stats.kv_bytes_before += bytes_before
         self.stats.kv_bytes_after += layer_bytes(layer)
         self.stats.kv_tokens_before += seq * heads
-        self.stats.kv_tokens_after += keep * heads
+        self.stats.kv_tokens_after += round(keep * heads)
         self.stats.per_layer_kept.append(keep)
+
+    @staticmethod
+    def _heads(layer: Any) -> int:
+        if hasattr(layer, "head_keys"):
+            return layer.head_keys[0].shape[0] * len(layer.head_keys)
+        return layer.keys.shape[0] * layer.keys.shape[1]
 
     def _view(
         self,
@@ -210,6 +235,7 @@ def compressing(
     *,
     tokenizer: Any = None,
     seed: int = 0,
+    budget: str | Budget = "uniform",
     **options: Any,
 ) -> Iterator[Compressor]:
     """Compress the prefill of every ``model.generate`` / forward call made inside the block.
@@ -224,7 +250,7 @@ def compressing(
     Hooks are removed when the block exits, even on an exception.
     """
     scorer = make_scorer(method, **options)
-    compressor = Compressor(model, scorer, ratio, seed=seed)
+    compressor = Compressor(model, scorer, ratio, seed=seed, budget=budget)
     scorer.setup(model, tokenizer)
     with compressor.attached() as attached:
         yield attached

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kvtrim.budgets import Budget, make_budget
 from kvtrim.cache import CacheSnapshot
 from kvtrim.engine import CompressionStats, Compressor
 from kvtrim.errors import KVTrimError
@@ -135,20 +136,26 @@ def compress(
     *,
     use_chat_template: bool | None = None,
     seed: int = 0,
+    budget: str | Budget = "uniform",
+    budget_options: dict[str, Any] | None = None,
     **options: Any,
 ) -> Session:
     """Prefill ``context`` once, compressing each layer as it goes, and return a :class:`Session`.
 
     ``method`` is a scorer name (see ``kvtrim methods``) or a ready scorer; ``options`` are the
     scorer's options (e.g. ``n_sink=4`` for expected-attention); ``ratio`` is the fraction of the
-    cache evicted, in [0, 1).
+    cache evicted, in [0, 1). ``budget`` decides how many pairs each layer and head keeps:
+    ``uniform`` (default), ``tokens`` (``budget_options={"tokens": N}``), ``pyramid``,
+    ``adaptive`` (AdaKV, any scorer) or ``threshold`` (``budget_options={"threshold": tau}``).
     """
     if not context or not context.strip():
         raise KVTrimError("The context is empty: give some text to compress.")
     from transformers import DynamicCache
 
     scorer = make_scorer(method, **options)
-    compressor = Compressor(model, scorer, ratio, seed=seed)
+    compressor = Compressor(
+        model, scorer, ratio, seed=seed, budget=make_budget(budget, **(budget_options or {}))
+    )
     layout = layout_for(tokenizer, context, use_chat_template)
     ids = encode(tokenizer, layout.context_text, layout.add_special_tokens)
     limit = max_context(model)

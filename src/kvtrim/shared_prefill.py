@@ -41,7 +41,9 @@ class _ScoreRecorder(Compressor):
         }
         self.score_s: dict[str, float] = dict.fromkeys(self.scorers, 0.0)
 
-    def _compress(self, attn: nn.Module, idx: int, layer: Any, kwargs: dict, projected: Any) -> None:
+    def _compress(
+        self, attn: nn.Module, idx: int, layer: Any, kwargs: dict, projected: Any, cache: Any
+    ) -> None:
         seq = layer_tokens(layer)
         view = None
         for name, scorer in self.scorers.items():

@@ -1,0 +1,162 @@
+"""Ragged cache layers: each KV head stores only its own kept pairs.
+
+Head-adaptive and threshold budgets keep a different number of pairs per head. Padding every head
+to the longest and masking (what other libraries do) frees no memory; here each head owns a tensor
+of exactly its kept pairs, and attention runs per KV head over its own keys.
+
+The seam is transformers' ``AttentionInterface``: kvtrim registers ``kvtrim_sdpa``, which is plain
+``sdpa`` for ordinary tensors and a per-head loop for a :class:`RaggedKV`. It also rebuilds the
+causal mask when a layer's length differs from the one the model's mask was made for (per-layer
+budgets such as pyramid): the layout is always [kept context | new tokens].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.cache_utils import CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTENTION_NAME = "kvtrim_sdpa"
+
+
+@dataclass
+class RaggedKV:
+    """Per-head keys and values: lists of Hkv tensors of shape (B, K_h, D)."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    # The attention modules only pass these along; a few read the shape or device.
+    @property
+    def shape(self) -> torch.Size:
+        first = self.keys[0]
+        return torch.Size(
+            (first.shape[0], len(self.keys), max(k.shape[1] for k in self.keys), first.shape[-1])
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.keys[0].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.keys[0].dtype
+
+
+class RaggedLayer(CacheLayerMixin):
+    """A cache layer whose heads hold different numbers of pairs (B = 1)."""
+
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, head_keys: list[torch.Tensor], head_values: list[torch.Tensor]):
+        super().__init__()
+        self.head_keys = head_keys  # Hkv × (B, K_h, D)
+        self.head_values = head_values
+        self.device = head_keys[0].device
+        self.is_initialized = True
+
+    @classmethod
+    def from_mask(cls, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> RaggedLayer:
+        """keys, values: (1, Hkv, T, D); mask: (1, Hkv, T) -> one compact tensor per head."""
+        if keys.shape[0] != 1:
+            raise NotImplementedError("ragged (per-head) budgets support batch size 1")
+        head_keys, head_values = [], []
+        for head in range(keys.shape[1]):
+            kept = mask[0, head].nonzero().squeeze(-1)  # (K_h,) sorted positions
+            head_keys.append(keys[:, head, kept].contiguous())  # (1, K_h, D)
+            head_values.append(values[:, head, kept].contiguous())
+        return cls(head_keys, head_values)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        return None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        """Append new (B, Hkv, q, D) states to every head; returns a :class:`RaggedKV`."""
+        self.head_keys = [torch.cat([k, key_states[:, h]], dim=1) for h, k in enumerate(self.head_keys)]
+        self.head_values = [torch.cat([v, value_states[:, h]], dim=1) for h, v in enumerate(self.head_values)]
+        ragged = RaggedKV(self.head_keys, self.head_values)
+        return ragged, ragged  # the attention function reads .keys of the first, .values of the second
+
+    def head_lengths(self) -> list[int]:
+        return [int(k.shape[1]) for k in self.head_keys]
+
+    def get_seq_length(self) -> int:
+        return max(self.head_lengths())
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def nbytes(self) -> int:
+        tensors = [*self.head_keys, *self.head_values]
+        return sum(t.untyped_storage().nbytes() for t in tensors)
+
+    def n_pairs(self) -> int:
+        return sum(self.head_lengths())
+
+    def reset(self) -> None:
+        raise NotImplementedError("a ragged layer cannot be reset; build a new cache")
+
+
+def _suffix_causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+    """(q, kv) boolean mask for [kept context | q new tokens]: context visible, new tokens causal."""
+    rows = torch.arange(q_len, device=device)[:, None]
+    cols = torch.arange(kv_len, device=device)[None, :]
+    return cols <= kv_len - q_len + rows
+
+
+def kvtrim_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor | RaggedKV,
+    value: torch.Tensor | RaggedKV,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """``sdpa`` that also understands ragged heads and per-layer cache lengths.
+
+    query: (B, H, q, D). Returns (B, q, H, D) like transformers' sdpa.
+    """
+    if not isinstance(key, RaggedKV):
+        if attention_mask is not None and attention_mask.shape[-1] != key.shape[-2]:
+            attention_mask = _suffix_causal_mask(query.shape[2], key.shape[-2], query.device)[None, None]
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    assert isinstance(value, RaggedKV)
+    n_kv = len(key.keys)
+    group = query.shape[1] // n_kv
+    q_len = query.shape[2]
+    outputs = []
+    for head in range(n_kv):
+        q = query[:, head * group : (head + 1) * group]  # (B, G, q, D)
+        k = key.keys[head][:, None].expand(-1, group, -1, -1)  # (B, G, K_h, D)
+        v = value.values[head][:, None].expand(-1, group, -1, -1)
+        mask = _suffix_causal_mask(q_len, k.shape[2], q.device) if q_len > 1 else None
+        outputs.append(
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+        )
+    out = torch.cat(outputs, dim=1)  # (B, H, q, D)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Make ``kvtrim_sdpa`` known to transformers (idempotent)."""
+    AttentionInterface.register(ATTENTION_NAME, kvtrim_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+def enable(model: nn.Module) -> None:
+    """Switch ``model`` to ``kvtrim_sdpa``: identical to sdpa on ordinary caches, so it stays on."""
+    register()
+    if model.config._attn_implementation != ATTENTION_NAME:
+        model.set_attn_implementation(ATTENTION_NAME)
