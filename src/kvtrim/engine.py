@@ -72,6 +72,11 @@ class Compressor:
         self._attentions = attention_modules(model)
         self._projected: dict[int, torch.Tensor] = {}
         self._handles: list[Any] = []
+        #: compress on every forward, not only a cache's first (chunked prefill sets it)
+        self.every_forward = False
+        # layer -> absolute positions of the kept pairs, (B, Hkv, K); tracked once a layer has
+        # been compressed and then extended (chunked prefill), where heads hold different positions
+        self._positions: dict[int, torch.Tensor] = {}
 
     @contextmanager
     def attached(self) -> Iterator[Compressor]:
@@ -106,7 +111,7 @@ class Compressor:
                 return
             layer = cache.layers[idx]
             q_len = hidden.shape[1]
-            if not _is_first_forward(layer, q_len):
+            if not (self.every_forward or _is_first_forward(layer, q_len)):
                 return  # the question or a decoded token: the cache is only read
             if getattr(layer, "is_sliding", False):
                 # Already bounded by its window, so not compressed. transformers keeps the window
@@ -130,10 +135,12 @@ class Compressor:
         seq = keys.shape[-2]
         bytes_before = layer_bytes(layer)
         self.stats.layers_compressed += 1
+        key_positions = self._key_positions(idx, keys, kwargs)  # (T,) or (B, Hkv, T)
         if not (self.scorer.evicts and self.budget.evicts(seq, self.ratio)):
+            self._remember_positions(idx, keys, key_positions, None)
             self._account(layer, bytes_before, seq, seq)
             return
-        view = self._view(attn, idx, keys, values, kwargs, projected)
+        view = self._view(attn, idx, keys, values, kwargs, projected, key_positions)
         chosen = self.budget.select(self.scorer.score(view), idx, len(self._attentions), self.ratio)
         if chosen.dtype == torch.bool:  # (B, Hkv, T) keep mask
             counts = chosen.sum(dim=-1)  # (B, Hkv)
@@ -145,7 +152,30 @@ class Compressor:
                 return
         layer.keys = gather_positions(keys, chosen)
         layer.values = gather_positions(values, chosen)
+        self._remember_positions(idx, keys, key_positions, chosen)
         self._account(layer, bytes_before, seq, chosen.shape[-1])
+
+    def _key_positions(self, idx: int, keys: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """Absolute positions of the layer's cached pairs: (T,) while every head holds the same
+        contiguous range, (B, Hkv, T) once earlier evictions left each head its own positions."""
+        seq = keys.shape[-2]
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:
+            return torch.arange(seq, device=keys.device)
+        new = position_ids[0].to(keys.device)  # (q,)
+        previous = self._positions.get(idx)
+        if previous is None or previous.shape[-1] + len(new) != seq:
+            return torch.arange(seq, device=keys.device) + (int(new[-1]) + 1 - seq)
+        fresh = new[None, None].expand(*previous.shape[:2], -1)  # (B, Hkv, q)
+        return torch.cat([previous, fresh], dim=-1)  # (B, Hkv, T)
+
+    def _remember_positions(
+        self, idx: int, keys: torch.Tensor, key_positions: torch.Tensor, chosen: torch.Tensor | None
+    ) -> None:
+        if not self.every_forward:
+            return
+        full = key_positions.expand(*keys.shape[:2], -1) if key_positions.dim() == 1 else key_positions
+        self._positions[idx] = full if chosen is None else torch.gather(full, 2, chosen)
 
     def _account(self, layer: Any, bytes_before: int, seq: int, keep: float) -> None:
         """Record one layer; ``keep`` is pairs per head (a mean for ragged layers)."""
@@ -170,6 +200,7 @@ class Compressor:
         values: torch.Tensor,
         kwargs: dict,
         projected: Any,
+        key_positions: torch.Tensor,
     ) -> LayerView:
         seq = keys.shape[-2]
         position_ids = kwargs.get("position_ids")
@@ -177,7 +208,6 @@ class Compressor:
             query_positions = position_ids[0].to(keys.device)
         else:
             query_positions = torch.arange(seq, device=keys.device)
-        key_positions = torch.arange(seq, device=keys.device) + (int(query_positions[-1]) + 1 - seq)
         rope = rope_function(attn)
         rotary = rotary_for(self.model, attn)
 

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from kvtrim.budgets import Budget, make_budget
-from kvtrim.cache import CacheSnapshot
+from kvtrim.budgets import Budget, TokenBudget, UniformBudget, check_ratio, make_budget, n_keep
+from kvtrim.cache import CacheSnapshot, layer_bytes
 from kvtrim.engine import CompressionStats, Compressor
 from kvtrim.errors import KVTrimError
 from kvtrim.methods import Scorer, make_scorer
@@ -48,18 +48,23 @@ class Session:
     prefill_s: float
     answers: list[Answer] = field(default_factory=list)
 
-    def ask(self, question: str, max_new_tokens: int = 64) -> str:
-        """Answer ``question`` from the compressed cache (greedy decoding)."""
-        return self.answer(question, max_new_tokens=max_new_tokens).text
+    def ask(self, question: str, max_new_tokens: int = 64, answer_prefix: str = "") -> str:
+        """Answer ``question`` from the compressed cache (greedy decoding).
+
+        ``answer_prefix`` is put after the prompt's end (after the assistant tag with a chat
+        template) and the model continues it, as benchmarks like RULER do; it is not part of the
+        returned text.
+        """
+        return self.answer(question, max_new_tokens=max_new_tokens, answer_prefix=answer_prefix).text
 
     @torch.inference_mode()
-    def answer(self, question: str, max_new_tokens: int = 64) -> Answer:
+    def answer(self, question: str, max_new_tokens: int = 64, answer_prefix: str = "") -> Answer:
         """Like :meth:`ask`, returning token ids and timing as well."""
         if not question.strip():
             raise KVTrimError("The question is empty.")
         if max_new_tokens < 1:
             raise KVTrimError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        ids = encode(self.tokenizer, self.layout.question_text(question))
+        ids = encode(self.tokenizer, self.layout.question_text(question) + answer_prefix)
         limit = max_context(self.model)
         if self.context_length + len(ids) + max_new_tokens > limit:
             raise KVTrimError(
@@ -83,6 +88,39 @@ class Session:
         result = Answer(question, text, generated, time.perf_counter() - start)
         self.answers.append(result)
         return result
+
+
+def _chunked_budget(scorer: Scorer, policy: Budget, n_tokens: int, ratio: float, chunk_size: int) -> Budget:
+    """Chunked prefill evicts down to the *final* budget after every chunk: a fixed token count."""
+    if chunk_size < 1:
+        raise KVTrimError(f"chunk_size must be >= 1, got {chunk_size}")
+    if not scorer.chunkable:
+        from kvtrim.methods import METHODS
+
+        names = ", ".join(name for name, cls in METHODS.items() if cls.chunkable)
+        raise KVTrimError(f"Method {scorer.name!r} does not support chunked prefill; these do: {names}.")
+    if isinstance(policy, UniformBudget):
+        return TokenBudget(n_keep(n_tokens, ratio))
+    if isinstance(policy, TokenBudget):
+        return policy
+    raise KVTrimError("Chunked prefill works with the uniform and tokens budgets.")
+
+
+def _final_stats(cache: Any, n_tokens: int, compress_s: float) -> CompressionStats:
+    """Figures of a chunked compression: 'before' is the uncompressed cache of all n_tokens."""
+    stats = CompressionStats(compress_s=compress_s)
+    for layer in cache.layers:
+        keys = layer.keys  # (B, Hkv, K, D)
+        heads = keys.shape[0] * keys.shape[1]
+        seq = keys.shape[2] if getattr(layer, "is_sliding", False) else n_tokens
+        pair_bytes = 2 * keys.shape[-1] * keys.element_size()
+        stats.kv_tokens_before += seq * heads
+        stats.kv_tokens_after += keys.shape[2] * heads
+        stats.kv_bytes_before += seq * heads * pair_bytes
+        stats.kv_bytes_after += layer_bytes(layer)
+        stats.per_layer_kept.append(keys.shape[2])
+        stats.layers_compressed += 1
+    return stats
 
 
 def stop_token_ids(model: nn.Module, tokenizer: Any) -> set[int]:
@@ -138,6 +176,7 @@ def compress(
     seed: int = 0,
     budget: str | Budget = "uniform",
     budget_options: dict[str, Any] | None = None,
+    chunk_size: int | None = None,
     **options: Any,
 ) -> Session:
     """Prefill ``context`` once, compressing each layer as it goes, and return a :class:`Session`.
@@ -147,15 +186,18 @@ def compress(
     cache evicted, in [0, 1). ``budget`` decides how many pairs each layer and head keeps:
     ``uniform`` (default), ``tokens`` (``budget_options={"tokens": N}``), ``pyramid``,
     ``adaptive`` (AdaKV, any scorer) or ``threshold`` (``budget_options={"threshold": tau}``).
+
+    ``chunk_size=N`` prefills the context N tokens at a time and compresses after every chunk, so
+    the cache never holds more than the final budget + N pairs per layer and head, whatever the
+    context length. The final budget is ``T − floor(ratio·T)`` (or the token budget). Later
+    chunks then attend to the compressed cache of earlier ones: results differ from one-shot
+    compression, which sees the whole context before evicting.
     """
     if not context or not context.strip():
         raise KVTrimError("The context is empty: give some text to compress.")
     from transformers import DynamicCache
 
     scorer = make_scorer(method, **options)
-    compressor = Compressor(
-        model, scorer, ratio, seed=seed, budget=make_budget(budget, **(budget_options or {}))
-    )
     layout = layout_for(tokenizer, context, use_chat_template)
     ids = encode(tokenizer, layout.context_text, layout.add_special_tokens)
     limit = max_context(model)
@@ -164,19 +206,28 @@ def compress(
             f"The context is {len(ids)} tokens long, longer than the model's window of {limit} tokens; "
             "shorten it or use a model with a longer context."
         )
+    policy = make_budget(budget, **(budget_options or {}))
+    if chunk_size is not None:
+        policy = _chunked_budget(scorer, policy, len(ids), check_ratio(ratio), chunk_size)
+    compressor = Compressor(model, scorer, ratio, seed=seed, budget=policy)
+    compressor.every_forward = chunk_size is not None
     scorer.setup(model, tokenizer)
     device = next(model.parameters()).device
     cache = DynamicCache(config=text_config(model))
-    input_ids = torch.tensor([ids], device=device)  # (1, T)
+    step = chunk_size or len(ids)
     start = time.perf_counter()
     with compressor.attached():
-        model(
-            input_ids=input_ids,
-            position_ids=torch.arange(len(ids), device=device)[None],
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        for begin in range(0, len(ids), step):
+            end = min(begin + step, len(ids))
+            model(
+                input_ids=torch.tensor([ids[begin:end]], device=device),  # (1, chunk)
+                position_ids=torch.arange(begin, end, device=device)[None],
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+    if chunk_size is not None:
+        compressor.stats = _final_stats(cache, len(ids), compressor.stats.compress_s)
     total = time.perf_counter() - start
     return Session(
         model=model,

@@ -52,7 +52,8 @@ class _ScoreRecorder(Compressor):
             if any(k < seq for k in keeps.values()):
                 start = time.perf_counter()
                 if view is None:
-                    view = self._view(attn, idx, layer.keys, layer.values, kwargs, projected)
+                    positions = self._key_positions(idx, layer.keys, kwargs)
+                    view = self._view(attn, idx, layer.keys, layer.values, kwargs, projected, positions)
                 scores = scorer.score(view)  # (B, Hkv, T)
                 self.score_s[name] += time.perf_counter() - start
             for ratio, keep in keeps.items():

@@ -20,7 +20,8 @@ class LayerView:
     """One attention layer during compression.
 
     keys / values: (B, Hkv, T, D), keys after RoPE, exactly as cached.
-    key_positions: (T,) absolute position of every cached pair.
+    key_positions: (T,) absolute position of every cached pair, or (B, Hkv, T) when earlier
+        evictions (chunked prefill) left each head its own positions (``Scorer.chunkable``).
     query_positions: (Tq,) absolute positions of the tokens of the current forward (the last Tq keys).
     """
 
@@ -86,6 +87,8 @@ class Scorer:
     paper: ClassVar[str] = ""
     #: False only for ``none``: the engine then never evicts.
     evicts: ClassVar[bool] = True
+    #: True when the scorer accepts per-head key positions (B, Hkv, T), as chunked prefill gives
+    chunkable: ClassVar[bool] = False
 
     def setup(self, model: torch.nn.Module, tokenizer: Any) -> None:
         """Prepare model-specific data once (e.g. calibration); default: nothing."""

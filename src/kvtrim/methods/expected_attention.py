@@ -50,6 +50,7 @@ class ExpectedAttention(Scorer):
     name = "expected-attention"
     summary = "Closed-form attention that future queries (Gaussian, averaged RoPE) will pay each key."
     paper = "arXiv 2510.00636"
+    chunkable = True
     n_sink: int = 4
     n_future_positions: int = 512
     use_covariance: bool = True
@@ -74,8 +75,9 @@ class ExpectedAttention(Scorer):
 
         keys = view.keys.repeat_interleave(view.group_size, dim=1)  # (B, H, T, D)
         logits = expected_logits(keys, mean, cov, view.scaling)  # (B, H, T)
-        is_sink = (view.key_positions < self.n_sink).to(logits.device)  # (T,)
-        logits = logits.masked_fill(is_sink, -torch.inf)
+        is_sink = (view.key_positions < self.n_sink).to(logits.device)  # (T,) or (B, Hkv, T)
+        per_query_head = is_sink if is_sink.dim() == 1 else is_sink.repeat_interleave(view.group_size, dim=1)
+        logits = logits.masked_fill(per_query_head, -torch.inf)
         probs = torch.softmax(logits, dim=-1)  # (B, H, T)
         scores = probs.view(bsz, n_kv, view.group_size, -1).mean(dim=2)  # (B, Hkv, T)
         if self.use_vnorm:

@@ -23,6 +23,7 @@ class QFilters(Scorer):
     name = "qfilters"
     summary = "Project keys on the dominant query direction (filters calibrated locally, cached)."
     paper = "arXiv 2503.02812"
+    chunkable = True
     calibration_text: str | None = None
     filters: torch.Tensor | None = field(default=None, repr=False)  # (L, Hkv, D)
 

@@ -17,6 +17,7 @@ class NoEviction(Scorer):
     summary = "No eviction: the full cache (reference)."
     paper = "-"
     evicts = False
+    chunkable = True
 
     def score(self, view: LayerView) -> torch.Tensor:
         return torch.zeros(view.keys.shape[:3], device=view.keys.device)
@@ -32,6 +33,7 @@ class KNorm(Scorer):
     name = "knorm"
     summary = "Keep keys with the smallest L2 norm (no queries, no attention weights)."
     paper = "arXiv 2406.11430"
+    chunkable = True
 
     def score(self, view: LayerView) -> torch.Tensor:
         return -view.keys.float().norm(dim=-1)  # (B, Hkv, T)
@@ -44,6 +46,7 @@ class RandomScorer(Scorer):
     name = "random"
     summary = "Random scores (seeded): the floor a method must beat."
     paper = "-"
+    chunkable = True
 
     def score(self, view: LayerView) -> torch.Tensor:
         gen = torch.Generator(device="cpu").manual_seed(view.seed * 100_003 + view.layer_idx)
@@ -57,9 +60,10 @@ class StreamingLLM(Scorer):
     name = "streaming-llm"
     summary = "Keep the first n_sink tokens (attention sinks) and the most recent ones."
     paper = "arXiv 2309.17453"
+    chunkable = True
     n_sink: int = 4
 
     def score(self, view: LayerView) -> torch.Tensor:
-        pos = view.key_positions.float().to(view.keys.device)  # (T,)
-        scores = torch.where(view.key_positions.to(pos.device) < self.n_sink, torch.inf, pos)
+        pos = view.key_positions.float().to(view.keys.device)  # (T,) or (B, Hkv, T)
+        scores = torch.where(pos < self.n_sink, torch.inf, pos)
         return scores.expand(*view.keys.shape[:2], -1).clone()  # (B, Hkv, T)
