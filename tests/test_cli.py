@@ -108,3 +108,44 @@ def test_stdin_context(tiny_dir):
     result = run("ask", "-", "-q", "q?", "--model", tiny_dir, "--max-new-tokens", "2", stdin=sample_text(80))
     assert result.returncode == 0, result.stderr
     assert "KV cache" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--budget", "adaptive"],
+        ["--budget-tokens", "40", "--chunk", "32"],
+        ["--threshold", "-1.0"],
+        ["--budget", "pyramid"],
+    ],
+)
+def test_budget_flags(tmp_path, tiny_dir, flags):
+    doc = tmp_path / "doc.txt"
+    doc.write_text(sample_text(150))
+    result = run(
+        "ask",
+        str(doc),
+        "-q",
+        "q?",
+        "--model",
+        tiny_dir,
+        "--method",
+        "knorm",
+        "--json",
+        "--max-new-tokens",
+        "2",
+        *flags,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    if "--budget-tokens" in flags:
+        assert report["kv_tokens_after"] == 40 * 3 * 2  # tokens x layers x kv-heads
+
+
+def test_budget_flag_errors(tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("hello")
+    _assert_user_error(run("ask", str(doc), "-q", "q?", "--budget", "tokens"), "--budget-tokens")
+    _assert_user_error(
+        run("ask", str(doc), "-q", "q?", "--budget", "adaptive", "--threshold", "1"), "--threshold"
+    )

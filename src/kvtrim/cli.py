@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from kvtrim.errors import KVTrimError
@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default=None, help="hub id, local directory or .gguf (default: embedded SmolLM2)"
     )
     ask.add_argument("--max-new-tokens", type=_positive, default=64, help="tokens generated per answer")
+    _add_budget_arguments(ask)
     ask.add_argument("--no-chat-template", action="store_true", help="plain Question/Answer layout")
     ask.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
@@ -87,7 +88,142 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cal.add_argument("--sequences", type=_positive, default=20, help="number of calibration sequences")
     cal.add_argument("--length", type=_positive, default=2048, help="tokens per calibration sequence")
+
+    _add_bench_parser(sub)
+    _add_report_parser(sub)
     return parser
+
+
+def _csv(kind: Callable[[str], object]) -> Callable[[str], list]:
+    def parse(text: str) -> list:
+        items = [p.strip() for p in text.split(",") if p.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+        return [kind(p) for p in items]
+
+    return parse
+
+
+def _depth(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a depth in [0, 1], got {text!r}") from err
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a depth in [0, 1], got {text!r}")
+    return value
+
+
+BENCH_EPILOG = """\
+Each context is prefilled once and every (method, ratio) cell is derived from that prefill
+(bit-identical to compressing it alone). Ratio 0 and method 'none' are one cell ('none'),
+evaluated once per sample. Rows stream to OUT/results.jsonl; rerun the same command to resume an
+interrupted run (OUT/config.json must match). Then: kvtrim report OUT.
+
+examples:
+  kvtrim bench --tasks ruler --length 4096 --samples 20 \\
+      --methods knorm,expected-attention,qfilters --ratios 0,0.25,0.5,0.75 --out results/ruler-4k
+  kvtrim bench --tasks niah_single_1,vt,perplexity --length 2048 --samples 5 --out results/quick
+  kvtrim bench --tasks needle_grid --grid-lengths 1024,2048,4096 --out results/grid
+  kvtrim bench --dataset ruler --data ~/ruler/4096 --tasks ruler --length 4096 --out results/ruler-hf
+  kvtrim bench --dataset longbench --data ~/LongBench/data --tasks hotpotqa,musique --length 8192 ...
+"""
+
+
+def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    from kvtrim.bench.runner import DEFAULT_GRID_DEPTHS
+
+    bench = sub.add_parser(
+        "bench",
+        help="run a benchmark sweep (tasks x methods x ratios), resumable",
+        description="Score compression methods on benchmark tasks at several compression ratios.",
+        epilog=BENCH_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench.add_argument("--out", required=True, help="result folder (created; rerun to resume)")
+    bench.add_argument(
+        "--model", default=None, help="hub id, local directory or .gguf (default: embedded SmolLM2)"
+    )
+    bench.add_argument(
+        "--tasks",
+        default="ruler",
+        help="comma-separated tasks or groups: ruler, niah, niah_single_1, vt, cwe, fwe, qa_1, qa_2, "
+        "passkey, needle_grid, perplexity (default: ruler); with --dataset, the data's task names",
+    )
+    bench.add_argument("--length", type=_positive, default=4096, help="tokens per prompt (default 4096)")
+    bench.add_argument("--samples", type=_positive, default=10, help="samples per task (default 10)")
+    bench.add_argument(
+        "--methods",
+        type=_csv(str),
+        default=["knorm", "expected-attention", "qfilters"],
+        help="comma-separated methods (default: knorm,expected-attention,qfilters)",
+    )
+    bench.add_argument(
+        "--ratios",
+        type=_csv(_ratio),
+        default=[0.0, 0.25, 0.5, 0.75],
+        help="comma-separated ratios in [0, 1) (default: 0,0.25,0.5,0.75)",
+    )
+    bench.add_argument("--seed", type=int, default=0, help="task generation and method seed (default 0)")
+    bench.add_argument(
+        "--max-new-tokens", type=_positive, default=None, help="cap on each task's own answer budget"
+    )
+    bench.add_argument(
+        "--no-answer-prefix", action="store_true", help="do not continue the task's answer prefix"
+    )
+    bench.add_argument("--no-chat-template", action="store_true", help="plain Question/Answer layout")
+    bench.add_argument(
+        "--no-share",
+        action="store_true",
+        help="prefill every cell separately (same results, slower; for checking)",
+    )
+    bench.add_argument("--quiet", action="store_true", help="no progress bar")
+    bench.add_argument("--haystack", default=None, help="prose file replacing the bundled essays")
+    bench.add_argument("--squad", default=None, help="SQuAD v2.0 dev file (dev-v2.0.json) for qa_1")
+    bench.add_argument(
+        "--hotpotqa", default=None, help="HotpotQA dev distractor file (hotpot_dev_distractor_v1.json), qa_2"
+    )
+    bench.add_argument(
+        "--dataset",
+        choices=("generated", "ruler", "longbench"),
+        default="generated",
+        help="generated tasks (default) or published data: RULER or LongBench, read by `datasets`",
+    )
+    bench.add_argument(
+        "--data",
+        default=None,
+        help="local path (file or folder) or hub id of --dataset, read from the HF cache only "
+        "(default: simonjegou/ruler or THUDM/LongBench)",
+    )
+    bench.add_argument(
+        "--grid-lengths", type=_csv(_positive), default=None, help="needle_grid lengths (default: --length)"
+    )
+    bench.add_argument(
+        "--grid-depths",
+        type=_csv(_depth),
+        default=list(DEFAULT_GRID_DEPTHS),
+        help="needle_grid depths in [0, 1] (default: 0,0.25,0.5,0.75,1)",
+    )
+    bench.add_argument("--grid-samples", type=_positive, default=1, help="needles per grid cell (default 1)")
+    bench.add_argument(
+        "--ppl-tokens",
+        type=_positive,
+        default=256,
+        help="perplexity: continuation tokens scored (default 256)",
+    )
+    bench.add_argument("--ppl-text", default=None, help="text for perplexity (default: the bundled essays)")
+
+
+def _add_report_parser(sub: argparse._SubParsersAction) -> None:
+    report = sub.add_parser(
+        "report",
+        help="tables and plots of a bench folder, or the comparison of two",
+        description="With one folder: print the markdown tables and write DIR/report.md, "
+        "accuracy-vs-ratio plots (one per method) and a needle heat map (PNG). With two: compare them.",
+    )
+    report.add_argument("dirs", nargs="+", metavar="DIR", help="a bench --out folder (two to compare)")
+    report.add_argument("--no-plots", action="store_true", help="tables only")
+    report.add_argument("--out", default=None, help="also write the comparison to this file")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -99,18 +235,71 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _calibrate(args)
         if args.command == "demo":
             return _demo(args)
+        if args.command == "bench":
+            return _bench(args)
+        if args.command == "report":
+            return _report(args)
         return _ask(args)
     except KVTrimError as err:
         print(f"kvtrim: error: {err}", file=sys.stderr)
         return EXIT_USAGE
 
 
+def _add_budget_arguments(parser: argparse.ArgumentParser) -> None:
+    from kvtrim.budgets import BUDGETS
+
+    parser.add_argument(
+        "--budget",
+        default=None,
+        choices=list(BUDGETS),
+        help="how many pairs each layer and head keeps (default uniform; see `kvtrim methods`)",
+    )
+    parser.add_argument(
+        "--budget-tokens",
+        type=_positive,
+        default=None,
+        help="keep at most N pairs per layer and head (implies --budget tokens)",
+    )
+    parser.add_argument(
+        "--threshold", type=float, default=None, help="keep pairs scoring >= TAU (implies --budget threshold)"
+    )
+    parser.add_argument(
+        "--chunk",
+        type=_positive,
+        default=None,
+        help="prefill N tokens at a time, compressing after each chunk (bounded memory)",
+    )
+
+
+def _budget_kwargs(args: argparse.Namespace) -> dict:
+    """The compress() keywords that the budget flags ask for."""
+    budget, options = args.budget, {}
+    if args.budget_tokens is not None:
+        if budget not in (None, "tokens"):
+            raise KVTrimError("--budget-tokens goes with --budget tokens (or no --budget).")
+        budget, options = "tokens", {"tokens": args.budget_tokens}
+    if args.threshold is not None:
+        if budget not in (None, "threshold"):
+            raise KVTrimError("--threshold goes with --budget threshold (or no --budget).")
+        budget, options = "threshold", {"threshold": args.threshold}
+    if budget in ("tokens", "threshold") and not options:
+        raise KVTrimError(
+            f"--budget {budget} needs --{'budget-tokens' if budget == 'tokens' else 'threshold'}."
+        )
+    return {"budget": budget or "uniform", "budget_options": options, "chunk_size": args.chunk}
+
+
 def _methods() -> int:
+    from kvtrim.budgets import BUDGETS
     from kvtrim.methods import METHODS
 
-    width = max(len(name) for name in METHODS)
+    width = max(len(name) for name in [*METHODS, *BUDGETS])
+    print("Methods (--method): what to keep")
     for name, cls in METHODS.items():
-        print(f"{name:<{width}}  {cls.summary}  [{cls.paper}]")
+        print(f"  {name:<{width}}  {cls.summary}  [{cls.paper}]")
+    print("\nBudgets (--budget): how many pairs each layer and head keeps")
+    for name, cls in BUDGETS.items():
+        print(f"  {name:<{width}}  {cls.summary}  [{cls.paper}]")
     return 0
 
 
@@ -128,7 +317,8 @@ def _ask(args: argparse.Namespace) -> int:
     from kvtrim.methods import make_scorer
 
     context = _read_context(args.context_file)
-    make_scorer(args.method)  # fail on an unknown method before loading the model
+    make_scorer(args.method)  # fail on an unknown method or budget before loading the model
+    budget = _budget_kwargs(args)
     model, tokenizer = kvtrim.load_model(args.model)
     session = kvtrim.compress(
         model,
@@ -137,6 +327,7 @@ def _ask(args: argparse.Namespace) -> int:
         method=args.method,
         ratio=args.ratio,
         use_chat_template=False if args.no_chat_template else None,
+        **budget,
     )
     start = time.perf_counter()
     answers = [session.answer(q, max_new_tokens=args.max_new_tokens) for q in args.question]
@@ -148,12 +339,15 @@ def _ask(args: argparse.Namespace) -> int:
                 {
                     "method": session.method,
                     "ratio": session.ratio,
+                    "budget": budget["budget"],
+                    "chunk_size": budget["chunk_size"],
                     "context_tokens": session.context_length,
                     "answers": [{"question": a.question, "answer": a.text} for a in answers],
                     "kv_tokens_before": stats.kv_tokens_before,
                     "kv_tokens_after": stats.kv_tokens_after,
                     "kv_bytes_before": stats.kv_bytes_before,
                     "kv_bytes_after": stats.kv_bytes_after,
+                    "kv_bytes_peak": stats.kv_bytes_peak,
                     "prefill_s": round(session.prefill_s, 4),
                     "compress_s": round(stats.compress_s, 4),
                     "answer_s": round(answer_s, 4),
@@ -232,6 +426,94 @@ def _calibrate(args: argparse.Namespace) -> int:
         model, tokenizer, texts=texts, refresh=True, n_sequences=args.sequences, seq_len=args.length
     )
     print(f"Q-Filters {tuple(filters.shape)} saved to {qfilters_path(model)}")
+    return 0
+
+
+def _existing_file(path: str | None, what: str) -> str | None:
+    if path is None:
+        return None
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise KVTrimError(f"{what} not found: {path}")
+    return str(file.resolve())
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import kvtrim
+    from kvtrim.bench.report import summary_markdown
+    from kvtrim.bench.runner import BenchConfig, build_samples, check_config, resolve_tasks, run_bench
+
+    data_files = {
+        task: file
+        for task, file in (
+            ("qa_1", _existing_file(args.squad, "SQuAD file")),
+            ("qa_2", _existing_file(args.hotpotqa, "HotpotQA file")),
+        )
+        if file
+    }
+    data = args.data
+    if data is not None and Path(data).expanduser().exists():
+        data = str(Path(data).expanduser().resolve())
+    model_label = args.model or "embedded:SmolLM2-135M-Instruct"
+    if args.model and Path(args.model).exists():
+        model_label = str(Path(args.model).resolve())
+    config = BenchConfig(
+        tasks=resolve_tasks(args.tasks, args.dataset, data_files),
+        methods=args.methods,
+        ratios=args.ratios,
+        length=args.length,
+        samples=args.samples,
+        seed=args.seed,
+        model=model_label,
+        dataset=args.dataset,
+        data=data,
+        max_new_tokens=args.max_new_tokens,
+        answer_prefix=not args.no_answer_prefix,
+        chat_template=False if args.no_chat_template else None,
+        haystack_file=_existing_file(args.haystack, "Haystack file"),
+        data_files=data_files,
+        grid_lengths=args.grid_lengths or [],
+        grid_depths=args.grid_depths,
+        grid_samples=args.grid_samples,
+        ppl_tokens=args.ppl_tokens,
+        ppl_text=_existing_file(args.ppl_text, "Perplexity text"),
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    check_config(out, config)  # refuse a mismatching folder before the model loads
+    print(f"Loading the model ({args.model or 'embedded SmolLM2-135M-Instruct'})...", file=sys.stderr)
+    model, tokenizer = kvtrim.load_model(args.model)
+    samples = build_samples(config, tokenizer)
+    n = sum(len(v) for v in samples.values())
+    print(
+        f"{n} samples x {len(config.cells())} cells -> {args.out}/results.jsonl", file=sys.stderr, flush=True
+    )
+    summary = run_bench(
+        model, tokenizer, config, args.out, share=not args.no_share, progress=not args.quiet, samples=samples
+    )
+    print(summary_markdown(summary.rows, f"kvtrim bench — {Path(args.out).name}"))
+    print(
+        f"{summary.written} new rows, {summary.skipped} already done, in {summary.wall_s:.1f} s. "
+        f"Plots: kvtrim report {args.out}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from kvtrim.bench.report import compare_dirs, write_report
+
+    if len(args.dirs) > 2:
+        raise KVTrimError("Give one bench folder (report) or two (comparison).")
+    if len(args.dirs) == 2:
+        text = compare_dirs(*args.dirs)
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text, encoding="utf-8")
+        return 0
+    markdown, files = write_report(args.dirs[0], plots=not args.no_plots)
+    print(markdown)
+    print("wrote " + ", ".join(str(f) for f in files), file=sys.stderr)
     return 0
 
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from kvtrim import ragged
 from kvtrim.budgets import Budget, UniformBudget, check_ratio, make_budget
-from kvtrim.cache import compact, gather_positions, layer_bytes, layer_tokens, logical_bytes
+from kvtrim.cache import cache_bytes, compact, gather_positions, layer_bytes, layer_tokens, logical_bytes
 from kvtrim.methods import LayerView, Scorer, make_scorer
 from kvtrim.models import (
     attention_modules,
@@ -45,6 +45,8 @@ class CompressionStats:
     kv_bytes_before: int = 0
     kv_bytes_after: int = 0
     compress_s: float = 0.0
+    #: largest KV cache held at any moment of the compression (bytes)
+    kv_bytes_peak: int = 0
     layers_compressed: int = 0
     per_layer_kept: list[float] = field(default_factory=list)
 
@@ -122,6 +124,8 @@ class Compressor:
                 layer.keys, layer.values = compact(layer.keys), compact(layer.values)
                 self._account(layer, before, held, held)
                 return
+            # The instant this layer holds its uncompressed pairs is when the KV cache peaks.
+            self.stats.kv_bytes_peak = max(self.stats.kv_bytes_peak, cache_bytes(cache))
             start = time.perf_counter()
             self._compress(module, idx, layer, kwargs, projected, cache)
             self.stats.compress_s += time.perf_counter() - start

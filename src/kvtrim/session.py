@@ -90,6 +90,23 @@ class Session:
         return result
 
 
+def encode_context(
+    model: nn.Module, tokenizer: Any, context: str, use_chat_template: bool | None
+) -> tuple[PromptLayout, list[int]]:
+    """Lay out and tokenize a context, refusing an empty one or one beyond the model's window."""
+    if not context or not context.strip():
+        raise KVTrimError("The context is empty: give some text to compress.")
+    layout = layout_for(tokenizer, context, use_chat_template)
+    ids = encode(tokenizer, layout.context_text, layout.add_special_tokens)
+    limit = max_context(model)
+    if len(ids) >= limit:
+        raise KVTrimError(
+            f"The context is {len(ids)} tokens long, longer than the model's window of {limit} tokens; "
+            "shorten it or use a model with a longer context."
+        )
+    return layout, ids
+
+
 def _chunked_budget(scorer: Scorer, policy: Budget, n_tokens: int, ratio: float, chunk_size: int) -> Budget:
     """Chunked prefill evicts down to the *final* budget after every chunk: a fixed token count."""
     if chunk_size < 1:
@@ -193,19 +210,10 @@ def compress(
     chunks then attend to the compressed cache of earlier ones: results differ from one-shot
     compression, which sees the whole context before evicting.
     """
-    if not context or not context.strip():
-        raise KVTrimError("The context is empty: give some text to compress.")
     from transformers import DynamicCache
 
     scorer = make_scorer(method, **options)
-    layout = layout_for(tokenizer, context, use_chat_template)
-    ids = encode(tokenizer, layout.context_text, layout.add_special_tokens)
-    limit = max_context(model)
-    if len(ids) >= limit:
-        raise KVTrimError(
-            f"The context is {len(ids)} tokens long, longer than the model's window of {limit} tokens; "
-            "shorten it or use a model with a longer context."
-        )
+    layout, ids = encode_context(model, tokenizer, context, use_chat_template)
     policy = make_budget(budget, **(budget_options or {}))
     if chunk_size is not None:
         policy = _chunked_budget(scorer, policy, len(ids), check_ratio(ratio), chunk_size)
@@ -227,7 +235,9 @@ def compress(
                 logits_to_keep=1,
             )
     if chunk_size is not None:
+        peak = compressor.stats.kv_bytes_peak
         compressor.stats = _final_stats(cache, len(ids), compressor.stats.compress_s)
+        compressor.stats.kv_bytes_peak = peak
     total = time.perf_counter() - start
     return Session(
         model=model,

@@ -23,9 +23,9 @@ from kvtrim.cache import gather_positions, layer_bytes, layer_tokens, logical_by
 from kvtrim.engine import CompressionStats, Compressor
 from kvtrim.errors import KVTrimError
 from kvtrim.methods import Scorer, make_scorer
-from kvtrim.models import max_context, text_config
-from kvtrim.prompting import PromptLayout, encode, layout_for
-from kvtrim.session import Session
+from kvtrim.models import text_config
+from kvtrim.prompting import PromptLayout
+from kvtrim.session import Session, encode_context
 
 
 class _ScoreRecorder(Compressor):
@@ -141,8 +141,7 @@ def prefill_once(
     """
     from transformers import DynamicCache
 
-    if not context or not context.strip():
-        raise KVTrimError("The context is empty: give some text to compress.")
+    layout, ids = encode_context(model, tokenizer, context, use_chat_template)
     if isinstance(methods, Mapping):
         scorers = dict(methods)
     else:
@@ -151,13 +150,6 @@ def prefill_once(
             scorer = make_scorer(method)
             scorers[method if isinstance(method, str) else scorer.name] = scorer
     ratio_list = [check_ratio(r) for r in ratios]
-    layout = layout_for(tokenizer, context, use_chat_template)
-    ids = encode(tokenizer, layout.context_text, layout.add_special_tokens)
-    if len(ids) >= max_context(model):
-        raise KVTrimError(
-            f"The context is {len(ids)} tokens long, longer than the model's window of "
-            f"{max_context(model)} tokens."
-        )
     for scorer in scorers.values():
         scorer.setup(model, tokenizer)
     recorder = _ScoreRecorder(model, scorers, ratio_list, seed)

@@ -1,0 +1,518 @@
+"""The benchmark runner: every (task sample × method × ratio) cell, one prefill per sample.
+
+Why one prefill: kvtrim's methods are question-agnostic and evict only after each layer's attention
+ran, so every cell of a sample sees the same prefill; :func:`kvtrim.shared_prefill.prefill_once`
+scores it once per method and each cell gathers its own kept pairs from the full cache, bit-identical
+to compressing that cell alone. A scorer that declares ``query_aware = True`` (it needs to see the
+question while compressing) falls back to a prefill of its own per cell.
+
+Ratio 0 and method ``none`` are the same cache (nothing evicted), so they form a single cell,
+``("none", 0.0)``, evaluated once per sample; reports draw it as every method's ratio-0 point.
+
+Results stream to ``DIR/results.jsonl``, one row per (task, sample index, method, ratio), written
+and flushed as soon as the cell is answered. A rerun with the same configuration (``DIR/config.json``)
+skips the rows already there, so an interrupted run resumes where it stopped; a truncated last line
+(the process died mid-write) is dropped and that cell is run again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from kvtrim.bench.sample import Sample
+from kvtrim.budgets import check_ratio
+from kvtrim.errors import KVTrimError
+
+RESULTS_FILE = "results.jsonl"
+CONFIG_FILE = "config.json"
+DATASETS = ("generated", "ruler", "longbench")
+EXTRA_TASKS = ("perplexity", "needle_grid")
+DEFAULT_GRID_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+BASELINE = ("none", 0.0)
+
+Key = tuple[str, int, str, float]  # (task, sample index, method, ratio)
+
+
+@dataclass
+class BenchConfig:
+    """Everything that decides a run's rows; stored as ``DIR/config.json`` and checked on resume."""
+
+    tasks: list[str]
+    methods: list[str]
+    ratios: list[float]
+    length: int = 4096
+    samples: int = 10
+    seed: int = 0
+    model: str = "embedded:SmolLM2-135M-Instruct"
+    dataset: str = "generated"  # or "ruler" / "longbench": published data read by bench.loaders
+    data: str | None = None  # local path or hub id of the published data (default: the hub id)
+    max_new_tokens: int | None = None  # caps each sample's own answer budget
+    answer_prefix: bool = True  # continue the task's answer prefix (after the assistant tag)
+    chat_template: bool | None = None  # None: use the tokenizer's template when it has one
+    haystack_file: str | None = None
+    data_files: dict[str, str] = field(default_factory=dict)  # qa_1 / qa_2 source files
+    grid_lengths: list[int] = field(default_factory=list)  # needle_grid; empty: [length]
+    grid_depths: list[float] = field(default_factory=lambda: list(DEFAULT_GRID_DEPTHS))
+    grid_samples: int = 1
+    ppl_tokens: int = 256  # continuation tokens scored by the perplexity task
+    ppl_text: str | None = None  # default: the bundled essays
+
+    def __post_init__(self) -> None:
+        from kvtrim.methods import make_scorer
+
+        if not self.tasks:
+            raise KVTrimError("No task to run; name tasks with --tasks (e.g. 'ruler' or 'niah_single_1,vt').")
+        if not self.methods:
+            raise KVTrimError("No method to run; name methods with --methods (see `kvtrim methods`).")
+        for method in self.methods:
+            make_scorer(method)
+        self.methods = list(dict.fromkeys(self.methods))
+        self.ratios = sorted(dict.fromkeys(check_ratio(r) for r in self.ratios))
+        if not self.ratios:
+            raise KVTrimError("No ratio to run; give --ratios (e.g. 0,0.5).")
+        if self.length < 1 or self.samples < 1 or self.grid_samples < 1:
+            raise KVTrimError("length, samples and grid samples must be positive.")
+        if self.dataset not in DATASETS:
+            raise KVTrimError(f"Unknown dataset {self.dataset!r}; choose from {', '.join(DATASETS)}.")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise KVTrimError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
+        if self.ppl_tokens < 2:
+            raise KVTrimError(f"The perplexity continuation needs >= 2 tokens, got {self.ppl_tokens}.")
+        for depth in self.grid_depths:
+            if not 0.0 <= depth <= 1.0:
+                raise KVTrimError(f"Needle depths must be in [0, 1], got {depth}.")
+
+    def cells(self) -> list[tuple[str, float]]:
+        """The (method, ratio) cells of every sample; ratio 0 and ``none`` collapse into one."""
+        cells: list[tuple[str, float]] = []
+        if "none" in self.methods or 0.0 in self.ratios:
+            cells.append(BASELINE)
+        cells += [(m, r) for m in self.methods if m != "none" for r in self.ratios if r > 0]
+        return cells
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BenchConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def resolve_tasks(
+    spec: str | Sequence[str], dataset: str = "generated", data_files: Mapping[str, str] | None = None
+) -> list[str]:
+    """Task names from a spec ("ruler", "niah_single_1,vt", "perplexity", "needle_grid", or a mix).
+
+    For published data sets the names are checked when the data is read (``ruler`` / ``longbench``
+    stand for every task the data holds)."""
+    from kvtrim.bench.tasks import expand_task_list
+
+    parts = [p.strip() for p in (spec.split(",") if isinstance(spec, str) else spec) if p.strip()]
+    if not parts:
+        raise KVTrimError("Empty task list; name tasks (e.g. 'niah_single_1,vt') or the group 'ruler'.")
+    extra = [p for p in parts if p in EXTRA_TASKS]
+    rest = [p for p in parts if p not in EXTRA_TASKS]
+    if dataset == "generated":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            names = expand_task_list(rest, data_files) if rest else []
+        for warning in caught:
+            print(f"kvtrim: {warning.message}", file=sys.stderr)
+    else:
+        names = list(dict.fromkeys(rest))
+    return names + list(dict.fromkeys(extra))
+
+
+# --- the results file -------------------------------------------------------------------------
+
+
+def row_key(row: Mapping[str, Any]) -> Key:
+    return (str(row["task"]), int(row["index"]), str(row["method"]), float(row["ratio"]))
+
+
+def read_results(path: str | Path, repair: bool = False) -> list[dict[str, Any]]:
+    """Rows of a results.jsonl. A last line cut short by an interruption is ignored (and cut off
+    the file when ``repair``, so appending starts on a clean line); a bad line before it is an error."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    rows: list[dict[str, Any]] = []
+    offset = 0
+    keep_until = 0
+    lines = data.split(b"\n")
+    for number, line in enumerate(lines, start=1):
+        end = offset + len(line) + (1 if number < len(lines) else 0)
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+                keep_until = end
+            except json.JSONDecodeError as err:
+                if any(rest.strip() for rest in lines[number:]):
+                    raise KVTrimError(
+                        f"{path} line {number} is corrupt ({err}); fix or delete that line to resume."
+                    ) from err
+                break  # the interrupted last row
+        else:
+            keep_until = end
+        offset = end
+    if repair and keep_until < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(keep_until)
+    if repair and rows and not path.read_bytes().endswith(b"\n"):
+        with open(path, "ab") as f:
+            f.write(b"\n")
+    return rows
+
+
+class ResultsWriter:
+    """Appends one JSON row per line, flushed at once, so a crash loses at most the row being written."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        self._file.write(json.dumps(row, default=str) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def check_config(out_dir: Path, config: BenchConfig) -> None:
+    """Store the configuration in a new folder, or refuse one whose stored configuration differs."""
+    path = out_dir / CONFIG_FILE
+    wanted = config.to_dict()
+    if path.is_file():
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if stored != wanted and read_results(out_dir / RESULTS_FILE):
+            diffs = [
+                f"{k}: {stored.get(k)!r} there, {wanted.get(k)!r} now"
+                for k in sorted(set(stored) | set(wanted))
+                if stored.get(k) != wanted.get(k)
+            ]
+            raise KVTrimError(
+                f"{out_dir} holds a run with a different configuration ({'; '.join(diffs)}). "
+                "Rerun with the same options to resume it, or choose another --out folder."
+            )
+        if stored == wanted:
+            return
+    elif read_results(out_dir / RESULTS_FILE):
+        raise KVTrimError(f"{out_dir} has {RESULTS_FILE} but no {CONFIG_FILE}; choose another --out folder.")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(wanted, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# --- samples ----------------------------------------------------------------------------------
+
+
+def uses_chat_template(tokenizer: Any, config: BenchConfig, task: str) -> bool:
+    """Perplexity reads raw text, so it never gets a chat template."""
+    from kvtrim.prompting import has_chat_template
+
+    if task == "perplexity":
+        return False
+    return has_chat_template(tokenizer) if config.chat_template is None else config.chat_template
+
+
+def template_tokens(tokenizer: Any, chat_template: bool) -> int:
+    """Tokens the prompt layout adds around context and question (RULER counts them in the length)."""
+    from kvtrim.prompting import encode, layout_for
+
+    layout = layout_for(tokenizer, "", chat_template)
+    return len(encode(tokenizer, layout.context_text, layout.add_special_tokens)) + len(
+        encode(tokenizer, layout.question_text(""))
+    )
+
+
+def build_samples(config: BenchConfig, tokenizer: Any) -> dict[str, list[Sample]]:
+    """Every task's samples, deterministic from the configuration's seed."""
+    from kvtrim.bench import loaders
+    from kvtrim.bench.perplexity import perplexity_samples
+    from kvtrim.bench.tasks import generate, needle_grid
+
+    chat = uses_chat_template(tokenizer, config, "")
+    extra = template_tokens(tokenizer, chat)
+    out: dict[str, list[Sample]] = {}
+    data_tasks = [t for t in config.tasks if t not in EXTRA_TASKS]
+    if config.dataset == "ruler" and data_tasks:
+        out.update(
+            loaders.load_ruler(config.data or loaders.RULER_HUB_ID, data_tasks, config.samples, config.length)
+        )
+    elif config.dataset == "longbench" and data_tasks:
+        loaded = loaders.load_longbench(config.data or loaders.LONGBENCH_HUB_ID, data_tasks, config.samples)
+        for task, items in loaded.items():
+            out[task] = [loaders.truncate_middle(tokenizer, s, config.length, extra) for s in items]
+    for task in config.tasks:
+        if task == "perplexity":
+            out[task] = perplexity_samples(
+                tokenizer,
+                config.length,
+                config.samples,
+                config.seed,
+                config.ppl_text,
+                config.ppl_tokens,
+                extra_tokens=template_tokens(tokenizer, False),
+            )
+        elif task == "needle_grid":
+            out[task] = needle_grid(
+                tokenizer,
+                config.grid_lengths or [config.length],
+                config.grid_depths,
+                config.seed,
+                n_per_cell=config.grid_samples,
+                extra_tokens=extra,
+            )
+        elif config.dataset == "generated":
+            out[task] = generate(
+                task,
+                tokenizer,
+                config.length,
+                config.samples,
+                config.seed,
+                config.haystack_file,
+                data_file=config.data_files.get(task),
+                extra_tokens=extra,
+            )
+    return {task: out[task] for task in out}
+
+
+# --- evaluation -------------------------------------------------------------------------------
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    from kvtrim import __version__
+
+    return {"kvtrim": __version__, "transformers": transformers.__version__, "torch": torch.__version__}
+
+
+def _jsonable_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metadata.items() if k != "continuation"}
+
+
+@dataclass
+class CellEvaluator:
+    """Answers (or scores the continuation of) one sample under each of its pending cells."""
+
+    model: Any
+    tokenizer: Any
+    config: BenchConfig
+    share: bool = True
+    versions: dict[str, str] = field(default_factory=_versions)
+
+    def __post_init__(self) -> None:
+        from kvtrim.methods import make_scorer
+
+        names = ["none", *self.config.methods]
+        self.scorers = {name: make_scorer(name) for name in dict.fromkeys(names)}
+
+    def shares(self, method: str) -> bool:
+        """Whether ``method`` can take its cache from a shared prefill (question-agnostic scorers)."""
+        return self.share and not getattr(self.scorers[method], "query_aware", False)
+
+    def run(
+        self, task: str, index: int, sample: Sample, cells: Sequence[tuple[str, float]]
+    ) -> Iterator[dict]:
+        """Rows of the pending ``cells`` of one sample, each yielded as soon as it is done."""
+        import kvtrim
+        from kvtrim.shared_prefill import prefill_once
+
+        chat = uses_chat_template(self.tokenizer, self.config, task)
+        shared = [c for c in cells if self.shares(c[0])]
+        alone = [c for c in cells if not self.shares(c[0])]
+        if shared:
+            methods = list(dict.fromkeys(m for m, _ in shared))
+            ratios = list(dict.fromkeys(r for _, r in shared))
+            start = time.perf_counter()
+            prefill = prefill_once(
+                self.model,
+                self.tokenizer,
+                sample.context,
+                {m: self.scorers[m] for m in methods},
+                ratios,
+                use_chat_template=chat,
+                seed=self.config.seed,
+            )
+            setup_s = time.perf_counter() - start
+            for method, ratio in shared:
+                start = time.perf_counter()
+                session = prefill.session(method, ratio)
+                yield self._row(task, index, sample, session, chat, True, len(shared), setup_s, start)
+                setup_s = 0.0  # the shared prefill's wall time is charged to its first cell
+            del prefill
+        for method, ratio in alone:
+            start = time.perf_counter()
+            session = kvtrim.compress(
+                self.model,
+                self.tokenizer,
+                sample.context,
+                method=self.scorers[method],
+                ratio=ratio,
+                use_chat_template=chat,
+                seed=self.config.seed,
+            )
+            yield self._row(task, index, sample, session, chat, False, 1, 0.0, start)
+
+    def _row(
+        self,
+        task: str,
+        index: int,
+        sample: Sample,
+        session: Any,
+        chat: bool,
+        shared: bool,
+        prefill_cells: int,
+        setup_s: float,
+        start: float,
+    ) -> dict[str, Any]:
+        stats = session.stats
+        row: dict[str, Any] = {
+            "task": task,
+            "index": index,
+            "method": session.method,
+            "ratio": session.ratio,
+        }
+        if task == "perplexity":
+            from kvtrim.bench.perplexity import continuation_ids, continuation_nll
+
+            ids = continuation_ids(self.tokenizer, sample)
+            limit = _window(self.model)
+            if session.context_length + len(ids) > limit:
+                raise KVTrimError(
+                    f"perplexity: context ({session.context_length}) + continuation ({len(ids)}) tokens "
+                    f"exceed the model's window of {limit}; lower --length."
+                )
+            eval_start = time.perf_counter()
+            nll, n_tokens = continuation_nll(session, ids)
+            eval_s = time.perf_counter() - eval_start
+            row.update(
+                prediction=None,
+                references=[],
+                metric="perplexity",
+                score=None,
+                nll=nll,
+                n_tokens=n_tokens,
+                perplexity=math.exp(nll / n_tokens),
+            )
+        else:
+            prefix = sample.answer_prefix if self.config.answer_prefix else ""
+            if chat:
+                prefix = prefix.lstrip()  # the assistant turn starts fresh after its tag
+            budget = sample.max_new_tokens
+            if self.config.max_new_tokens is not None:
+                budget = min(budget, self.config.max_new_tokens)
+            answer = session.answer(sample.question, max_new_tokens=budget, answer_prefix=prefix)
+            eval_s = answer.answer_s
+            row.update(
+                prediction=answer.text,
+                references=list(sample.references),
+                metric=sample.metric,
+                score=sample.score(answer.text),
+                generated_tokens=len(answer.token_ids),
+            )
+        row.update(
+            context_tokens=session.context_length,
+            kv_tokens_before=stats.kv_tokens_before,
+            kv_tokens_after=stats.kv_tokens_after,
+            kv_bytes_before=stats.kv_bytes_before,
+            kv_bytes_after=stats.kv_bytes_after,
+            prefill_s=round(session.prefill_s, 5),
+            score_s=round(stats.compress_s, 5),
+            eval_s=round(eval_s, 5),
+            cell_s=round(time.perf_counter() - start + setup_s, 5),
+            shared_prefill=shared,
+            prefill_cells=prefill_cells,
+            seed=self.config.seed,
+            length=self.config.length,
+            model=self.config.model,
+            metadata=_jsonable_metadata(sample.metadata),
+            versions=self.versions,
+        )
+        return row
+
+
+def _window(model: Any) -> int:
+    from kvtrim.models import max_context
+
+    return max_context(model)
+
+
+@dataclass
+class RunSummary:
+    out_dir: Path
+    rows: list[dict[str, Any]]  # every row of the folder, old and new
+    written: int  # rows this call added
+    skipped: int  # cells already in the folder
+    wall_s: float
+
+
+def run_bench(
+    model: Any,
+    tokenizer: Any,
+    config: BenchConfig,
+    out_dir: str | Path,
+    *,
+    share: bool = True,
+    progress: bool = True,
+    samples: Mapping[str, Sequence[Sample]] | None = None,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+) -> RunSummary:
+    """Run (or resume) the benchmark into ``out_dir``; see the module docstring.
+
+    ``share=False`` gives every cell its own prefill (same rows, slower: the reference the shared
+    path is checked against). ``samples`` replaces the generated ones (tests, custom data).
+    """
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    check_config(out, config)
+    results = out / RESULTS_FILE
+    existing = read_results(results, repair=True)
+    done = {row_key(r) for r in existing}
+    if samples is None:
+        samples = build_samples(config, tokenizer)
+    cells = config.cells()
+    plan = []
+    skipped = 0
+    for task, items in samples.items():
+        for index, sample in enumerate(items):
+            pending = [c for c in cells if (task, index, c[0], c[1]) not in done]
+            skipped += len(cells) - len(pending)
+            if pending:
+                plan.append((task, index, sample, pending))
+    evaluator = CellEvaluator(model, tokenizer, config, share=share)
+    writer = ResultsWriter(results)
+    written = 0
+    total = sum(len(p[3]) for p in plan)
+    bar = tqdm(total=total, desc="kvtrim bench", unit="cell", file=sys.stderr, disable=not progress)
+    try:
+        for task, index, sample, pending in plan:
+            bar.set_postfix_str(f"{task} #{index}", refresh=False)
+            for row in evaluator.run(task, index, sample, pending):
+                writer.write(row)
+                existing.append(row)
+                written += 1
+                bar.update(1)
+                if on_row is not None:
+                    on_row(row)
+    finally:
+        bar.close()
+        writer.close()
+    return RunSummary(out, existing, written, skipped, time.perf_counter() - start)

@@ -1,0 +1,226 @@
+"""The benchmark runner: shared prefill = separate prefills, bit for bit; resume loses and duplicates
+nothing; the configuration guards the folder; perplexity is the model's own at ratio 0."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import make_model, make_tokenizer, sample_text
+
+import kvtrim
+from kvtrim.bench.perplexity import continuation_ids, continuation_nll, perplexity
+from kvtrim.bench.runner import (
+    CONFIG_FILE,
+    RESULTS_FILE,
+    BenchConfig,
+    CellEvaluator,
+    build_samples,
+    read_results,
+    resolve_tasks,
+    row_key,
+    run_bench,
+)
+from kvtrim.methods import METHODS
+from kvtrim.methods.simple import KNorm
+from kvtrim.prompting import encode
+from kvtrim.session import greedy_decode, stop_token_ids
+
+COMPARED = ("prediction", "score", "kv_bytes_after", "kv_tokens_after", "kv_bytes_before", "nll", "n_tokens")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and do not stall when other processes load the CPUs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return make_model("llama", max_positions=2048)
+
+
+def small_config(**changes) -> BenchConfig:
+    options = dict(
+        tasks=["passkey", "niah_single_1", "perplexity"],
+        methods=["knorm", "expected-attention"],
+        ratios=[0.0, 0.5],
+        length=640,
+        samples=2,
+        max_new_tokens=6,
+        ppl_tokens=32,
+    )
+    return BenchConfig(**{**options, **changes})
+
+
+@pytest.fixture(scope="module")
+def reference(llama, tok, tmp_path_factory):
+    """One uninterrupted shared-prefill run: 3 tasks x 2 samples x 3 cells."""
+    out = tmp_path_factory.mktemp("reference")
+    summary = run_bench(llama, tok, small_config(), out, progress=False)
+    return {row_key(r): r for r in summary.rows}
+
+
+def test_cells_merge_ratio_zero_and_none():
+    config = small_config(methods=["knorm", "none", "qfilters"], ratios=[0.5, 0, 0.25])
+    assert config.cells() == [
+        ("none", 0.0),
+        ("knorm", 0.25),
+        ("knorm", 0.5),
+        ("qfilters", 0.25),
+        ("qfilters", 0.5),
+    ]
+    assert small_config(ratios=[0.5]).cells() == [("knorm", 0.5), ("expected-attention", 0.5)]
+    with pytest.raises(kvtrim.KVTrimError, match="Unknown method"):
+        small_config(methods=["nope"])
+    with pytest.raises(kvtrim.KVTrimError, match="ratio"):
+        small_config(ratios=[1.0])
+
+
+def test_resolve_tasks():
+    assert resolve_tasks("niah_single_1,vt,perplexity") == ["niah_single_1", "vt", "perplexity"]
+    assert "qa_1" not in resolve_tasks("ruler") and "cwe" in resolve_tasks("ruler")
+    assert resolve_tasks("ruler", "ruler") == ["ruler"]
+    with pytest.raises(kvtrim.KVTrimError, match="unknown task"):
+        resolve_tasks("nope")
+
+
+def test_shared_prefill_rows_equal_separate_prefills(reference, llama, tok, tmp_path):
+    alone = run_bench(llama, tok, small_config(), tmp_path, share=False, progress=False)
+    assert len(alone.rows) == len(reference) == 3 * 2 * 3
+    for row in alone.rows:
+        ref = reference[row_key(row)]
+        for name in COMPARED:
+            assert row.get(name) == ref.get(name), (row_key(row), name)
+        assert ref["shared_prefill"] and ref["prefill_cells"] == 3
+        assert not row["shared_prefill"] and row["prefill_cells"] == 1
+    compressed = [r for r in reference.values() if r["method"] != "none"]
+    assert all(r["kv_bytes_after"] < r["kv_bytes_before"] for r in compressed)
+    ppl = {r["method"]: r["perplexity"] for r in reference.values() if r["task"] == "perplexity"}
+    assert set(ppl) == {"none", "knorm", "expected-attention"}
+
+
+def test_rows_carry_what_a_report_needs(reference):
+    row = next(r for r in reference.values() if r["task"] == "passkey")
+    assert set(row) >= {
+        "prediction",
+        "references",
+        "score",
+        "metric",
+        "kv_bytes_before",
+        "kv_bytes_after",
+        "prefill_s",
+        "score_s",
+        "eval_s",
+        "seed",
+        "versions",
+        "metadata",
+    }
+    assert row["versions"]["kvtrim"] == kvtrim.__version__ and "transformers" in row["versions"]
+    assert 0 <= row["score"] <= 100 and row["references"]
+
+
+def test_resume_after_interruption_loses_and_duplicates_nothing(reference, llama, tok, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = CellEvaluator._row
+
+    def dying(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # in the middle of the second sample's cells
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(CellEvaluator, "_row", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(llama, tok, small_config(), tmp_path, progress=False)
+    monkeypatch.setattr(CellEvaluator, "_row", original)
+    assert len(read_results(tmp_path / RESULTS_FILE)) == 4
+    with open(tmp_path / RESULTS_FILE, "a", encoding="utf-8") as f:
+        f.write('{"task": "passkey", "index": 1, "method": "kn')  # died while writing a row
+    resumed = run_bench(llama, tok, small_config(), tmp_path, progress=False)
+    assert (resumed.written, resumed.skipped) == (14, 4)
+    rows = read_results(tmp_path / RESULTS_FILE)
+    keys = [row_key(r) for r in rows]
+    assert len(keys) == len(set(keys)) == len(reference)
+    assert set(keys) == set(reference)
+    for row in rows:
+        for name in COMPARED:
+            assert row.get(name) == reference[row_key(row)].get(name)
+    again = run_bench(llama, tok, small_config(), tmp_path, progress=False)
+    assert (again.written, again.skipped) == (0, 18)
+
+
+def test_results_file_tolerates_only_a_truncated_last_line(tmp_path):
+    path = tmp_path / RESULTS_FILE
+    good = json.dumps({"task": "t", "index": 0, "method": "none", "ratio": 0.0})
+    path.write_text(good + "\n" + '{"task": "t", "ind')
+    assert len(read_results(path, repair=True)) == 1
+    assert path.read_text() == good + "\n"
+    path.write_text(good)  # complete row, newline lost: kept, newline restored
+    assert len(read_results(path, repair=True)) == 1 and path.read_text().endswith("\n")
+    path.write_text(good + "\n{broken\n" + good + "\n")
+    with pytest.raises(kvtrim.KVTrimError, match="line 2 is corrupt"):
+        read_results(path)
+
+
+def test_a_different_configuration_is_refused(llama, tok, tmp_path):
+    config = small_config(tasks=["passkey"], samples=1, methods=["knorm"])
+    run_bench(llama, tok, config, tmp_path, progress=False)
+    assert json.loads((tmp_path / CONFIG_FILE).read_text())["methods"] == ["knorm"]
+    other = small_config(tasks=["passkey"], samples=1, methods=["knorm"], ratios=[0.0, 0.75])
+    with pytest.raises(kvtrim.KVTrimError, match=r"different configuration \(ratios"):
+        run_bench(llama, tok, other, tmp_path, progress=False)
+
+
+class QueryAwareKNorm(KNorm):
+    query_aware = True  # pretends to need the question: must not share the prefill
+
+
+def test_query_aware_methods_get_their_own_prefill(reference, llama, tok, tmp_path, monkeypatch):
+    monkeypatch.setitem(METHODS, "knorm", QueryAwareKNorm)
+    config = small_config(tasks=["passkey"], methods=["knorm", "expected-attention"])
+    rows = run_bench(llama, tok, config, tmp_path, progress=False).rows
+    for row in rows:
+        assert row["shared_prefill"] == (row["method"] != "knorm")
+        assert row["prefill_cells"] == (1 if row["method"] == "knorm" else 2)
+        for name in COMPARED:
+            assert row.get(name) == reference[row_key(row)].get(name)
+
+
+def test_answer_prefix_is_continued_after_the_prompt(llama, tok):
+    session = kvtrim.compress(llama, tok, sample_text(200), method="knorm", ratio=0.5)
+    plain = session.answer("q?", max_new_tokens=5)
+    assert session.answer("q?", max_new_tokens=5, answer_prefix="").token_ids == plain.token_ids
+    prefixed = session.answer("q?", max_new_tokens=5, answer_prefix="The key is")
+    ids = encode(tok, session.layout.question_text("q?") + "The key is")
+    expected = greedy_decode(llama, session.cache, ids, session.context_length, 5, stop_token_ids(llama, tok))
+    assert prefixed.token_ids == expected
+
+
+def test_perplexity_at_ratio_zero_is_the_models_own(llama, tok):
+    config = small_config(tasks=["perplexity"], samples=1)
+    sample = build_samples(config, tok)["perplexity"][0]
+    session = kvtrim.compress(llama, tok, sample.context, method="none", ratio=0.0, use_chat_template=False)
+    cont = continuation_ids(tok, sample)
+    nll, n = continuation_nll(session, cont)
+    assert n == len(cont) - 1 == 31
+    context = encode(tok, session.layout.context_text, session.layout.add_special_tokens)
+    with torch.inference_mode():
+        logits = llama(input_ids=torch.tensor([context + cont])).logits[0]  # (T, V)
+    logprobs = torch.log_softmax(logits[len(context) : -1].float(), -1)
+    direct = -logprobs.gather(-1, torch.tensor(cont[1:])[:, None]).sum()
+    assert math.isclose(nll, float(direct), rel_tol=1e-4)
+    text = sample.metadata["continuation"]
+    cells = perplexity(llama, tok, sample.context, text, ["knorm"], [0.0, 0.75], max_tokens=len(cont))
+    assert math.isclose(cells[("knorm", 0.0)], math.exp(float(direct) / n), rel_tol=1e-4)
+    assert cells[("knorm", 0.75)] != cells[("knorm", 0.0)]
