@@ -26,7 +26,10 @@ def test_shared_prefill_cells_equal_single_runs(model, tokenizer):
             assert cell.stats.kv_bytes_after == alone.stats.kv_bytes_after
             assert cell.stats.kv_bytes_before == alone.stats.kv_bytes_before
             assert cell.stats.kv_tokens_after == alone.stats.kv_tokens_after
-            assert cell.answer("q?", max_new_tokens=5).token_ids == alone.answer("q?", max_new_tokens=5).token_ids
+            assert (
+                cell.answer("q?", max_new_tokens=5).token_ids
+                == alone.answer("q?", max_new_tokens=5).token_ids
+            )
 
 
 def test_cells_do_not_disturb_each_other(tokenizer):
