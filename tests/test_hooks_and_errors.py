@@ -94,3 +94,11 @@ def test_load_model_from_local_directory(tmp_path, tokenizer):
     ids = torch.tensor([[5, 6, 7]])
     with torch.inference_mode():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+
+
+def test_corrupt_gguf_is_a_user_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVTRIM_CACHE_DIR", str(tmp_path / "cache"))
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    with pytest.raises(kvtrim.KVTrimError, match="Cannot load the GGUF file"):
+        kvtrim.load_model(bad)

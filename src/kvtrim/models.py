@@ -120,8 +120,11 @@ def _converted_gguf_dir(gguf: Path) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"kvtrim: converting {gguf.name} once to {target} (later loads take seconds)", file=sys.stderr)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except (ImportError, OSError, ValueError) as err:
+        raise KVTrimError(f"Cannot load the GGUF file {gguf}: {err}") from err
     # save_pretrained refuses a model that still carries its GGUF quantizer.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

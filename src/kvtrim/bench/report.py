@@ -147,7 +147,7 @@ def cost_table(rows: Sequence[Row]) -> str:
                 _fmt(fmean(r["cell_s"] for r in mine), 3),
             ]
         )
-    header = ["cell", "rows", "KV kept %", "KV MiB", "prefill s", "score s", "answer s", "cell s"]
+    header = ["cell", "rows", "KV kept %", "KV MiB", "prefill s", "score s", "answer/NLL s", "cell s"]
     return _table(header, body)
 
 
