@@ -29,11 +29,14 @@ def run_cell(length: int, ratio: float, mode: str, method: str, chunk: int, deco
 
     import kvtrim
     from kvtrim.bench.needle import needle_sample
+    from kvtrim.models import max_context
     from kvtrim.session import greedy_decode
 
     torch.manual_seed(0)
     model, tokenizer = kvtrim.load_model()
-    sample = needle_sample(tokenizer, length, depth=0.5)
+    # the prompt template, the question and the decoded tokens must fit in the model's window too
+    target = min(length, max_context(model) - decode_tokens - 64)
+    sample = needle_sample(tokenizer, target, depth=0.5)
     kwargs: dict = {"method": method if ratio > 0 else "none", "ratio": ratio}
     if mode == "adaptive" and ratio > 0:
         kwargs["budget"] = "adaptive"
