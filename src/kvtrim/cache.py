@@ -38,6 +38,13 @@ def layer_bytes(layer: Any) -> int:
     return tensor_bytes(getattr(layer, "keys", None)) + tensor_bytes(getattr(layer, "values", None))
 
 
+def layer_heads(layer: Any) -> int:
+    """Batch × kv-heads of a layer: how many (batch, head) sequences it holds."""
+    if hasattr(layer, "head_keys"):
+        return layer.head_keys[0].shape[0] * len(layer.head_keys)
+    return layer.keys.shape[0] * layer.keys.shape[1]
+
+
 def layer_tokens(layer: Any) -> int:
     """Length of the layer's sequence axis (the longest head's, for a ragged layer)."""
     if hasattr(layer, "head_keys"):

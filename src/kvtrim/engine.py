@@ -24,7 +24,15 @@ from torch import nn
 
 from kvtrim import ragged
 from kvtrim.budgets import Budget, UniformBudget, check_ratio, make_budget
-from kvtrim.cache import cache_bytes, compact, gather_positions, layer_bytes, layer_tokens, logical_bytes
+from kvtrim.cache import (
+    cache_bytes,
+    compact,
+    gather_positions,
+    layer_bytes,
+    layer_heads,
+    layer_tokens,
+    logical_bytes,
+)
 from kvtrim.methods import LayerView, Scorer, make_scorer
 from kvtrim.models import (
     attention_modules,
@@ -49,6 +57,14 @@ class CompressionStats:
     kv_bytes_peak: int = 0
     layers_compressed: int = 0
     per_layer_kept: list[float] = field(default_factory=list)
+
+    def add_layer(self, bytes_before: int, bytes_after: int, seq: int, keep: float, heads: int) -> None:
+        """Count one layer: ``seq`` pairs per head before, ``keep`` after (a mean if ragged)."""
+        self.kv_bytes_before += bytes_before
+        self.kv_bytes_after += bytes_after
+        self.kv_tokens_before += seq * heads
+        self.kv_tokens_after += round(keep * heads)
+        self.per_layer_kept.append(keep)
 
     @property
     def bytes_saved(self) -> int:
@@ -183,18 +199,7 @@ class Compressor:
 
     def _account(self, layer: Any, bytes_before: int, seq: int, keep: float) -> None:
         """Record one layer; ``keep`` is pairs per head (a mean for ragged layers)."""
-        heads = self._heads(layer)
-        self.stats.kv_bytes_before += bytes_before
-        self.stats.kv_bytes_after += layer_bytes(layer)
-        self.stats.kv_tokens_before += seq * heads
-        self.stats.kv_tokens_after += round(keep * heads)
-        self.stats.per_layer_kept.append(keep)
-
-    @staticmethod
-    def _heads(layer: Any) -> int:
-        if hasattr(layer, "head_keys"):
-            return layer.head_keys[0].shape[0] * len(layer.head_keys)
-        return layer.keys.shape[0] * layer.keys.shape[1]
+        self.stats.add_layer(bytes_before, layer_bytes(layer), seq, keep, layer_heads(layer))
 
     def _view(
         self,

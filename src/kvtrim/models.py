@@ -211,14 +211,17 @@ class RotaryAt:
 
     rotary: nn.Module
     layer_type: str | None
+    takes_layer_type: bool
 
     def __call__(self, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: (P,) -> cos, sin: (1, P, rotary_dim) in ``like``'s dtype and device."""
         pos = positions.to(like.device)[None]  # (1, P)
-        if "layer_type" in inspect.signature(self.rotary.forward).parameters:
+        if self.takes_layer_type:
             return self.rotary(like, pos, self.layer_type)
         return self.rotary(like, pos)
 
 
 def rotary_for(model: nn.Module, attn: nn.Module) -> RotaryAt:
-    return RotaryAt(decoder(model).rotary_emb, getattr(attn, "layer_type", None))
+    rotary = decoder(model).rotary_emb
+    takes_layer_type = "layer_type" in inspect.signature(rotary.forward).parameters  # Gemma3
+    return RotaryAt(rotary, getattr(attn, "layer_type", None), takes_layer_type)

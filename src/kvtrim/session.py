@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from kvtrim.budgets import Budget, TokenBudget, UniformBudget, check_ratio, make_budget, n_keep
-from kvtrim.cache import CacheSnapshot, layer_bytes
+from kvtrim.cache import CacheSnapshot, layer_bytes, layer_heads
 from kvtrim.engine import CompressionStats, Compressor
 from kvtrim.errors import KVTrimError
 from kvtrim.methods import Scorer, make_scorer
@@ -128,14 +128,10 @@ def _final_stats(cache: Any, n_tokens: int, compress_s: float) -> CompressionSta
     stats = CompressionStats(compress_s=compress_s)
     for layer in cache.layers:
         keys = layer.keys  # (B, Hkv, K, D)
-        heads = keys.shape[0] * keys.shape[1]
+        heads = layer_heads(layer)
         seq = keys.shape[2] if getattr(layer, "is_sliding", False) else n_tokens
         pair_bytes = 2 * keys.shape[-1] * keys.element_size()
-        stats.kv_tokens_before += seq * heads
-        stats.kv_tokens_after += keys.shape[2] * heads
-        stats.kv_bytes_before += seq * heads * pair_bytes
-        stats.kv_bytes_after += layer_bytes(layer)
-        stats.per_layer_kept.append(keys.shape[2])
+        stats.add_layer(seq * heads * pair_bytes, layer_bytes(layer), seq, keys.shape[2], heads)
         stats.layers_compressed += 1
     return stats
 

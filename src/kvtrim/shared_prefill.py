@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from kvtrim.budgets import check_ratio, n_keep, top_indices
-from kvtrim.cache import gather_positions, layer_bytes, layer_tokens, logical_bytes
+from kvtrim.cache import gather_positions, layer_bytes, layer_heads, layer_tokens, logical_bytes
 from kvtrim.engine import CompressionStats, Compressor
 from kvtrim.errors import KVTrimError
 from kvtrim.methods import Scorer, make_scorer
@@ -104,12 +104,7 @@ class SharedPrefill:
                     pruned.values = gather_positions(layer.values, chosen)
                     keep = chosen.shape[-1]
                 stats.layers_compressed += 1
-            heads = layer.keys.shape[0] * layer.keys.shape[1]
-            stats.kv_bytes_before += before
-            stats.kv_bytes_after += layer_bytes(pruned)
-            stats.kv_tokens_before += seq * heads
-            stats.kv_tokens_after += keep * heads
-            stats.per_layer_kept.append(keep)
+            stats.add_layer(before, layer_bytes(pruned), seq, keep, layer_heads(layer))
             cache.layers.append(pruned)
         return Session(
             model=self.model,
