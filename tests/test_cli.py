@@ -149,3 +149,18 @@ def test_budget_flag_errors(tmp_path):
     _assert_user_error(
         run("ask", str(doc), "-q", "q?", "--budget", "adaptive", "--threshold", "1"), "--threshold"
     )
+
+
+def test_decode_budget_flags(tmp_path, tiny_dir):
+    doc = tmp_path / "doc.txt"
+    doc.write_text(sample_text(150))
+    args = ["ask", str(doc), "-q", "q?", "--model", tiny_dir, "--method", "knorm", "--json"]
+    result = run(*args, "--max-new-tokens", "12", "--decode-budget", "60", "--evict-every", "8")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["decode_budget"] == 60
+    assert report["decode_evictions"] > 0
+    _assert_user_error(run(*args, "--decode-budget", "8", "--evict-every", "9"), "evict_every")
+    _assert_user_error(
+        run(*args, "--method", "snapkv", "--decode-budget", "60"), "cannot evict while decoding"
+    )

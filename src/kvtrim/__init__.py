@@ -6,7 +6,8 @@
 >>> session.ask("Who is the chief keeper?")
 """
 
-from kvtrim.engine import CompressionStats, Compressor, compressing
+from kvtrim.batch import BatchSession
+from kvtrim.engine import CompressionStats, Compressor, DecodingSchedule, compressing
 from kvtrim.errors import KVTrimError
 from kvtrim.methods import METHODS, LayerView, Scorer, make_scorer
 from kvtrim.models import load_model
@@ -17,8 +18,10 @@ __version__ = "0.1.0"
 __all__ = [
     "METHODS",
     "Answer",
+    "BatchSession",
     "CompressionStats",
     "Compressor",
+    "DecodingSchedule",
     "KVTrimError",
     "LayerView",
     "Scorer",

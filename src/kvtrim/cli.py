@@ -269,6 +269,18 @@ def _add_budget_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="prefill N tokens at a time, compressing after each chunk (bounded memory)",
     )
+    parser.add_argument(
+        "--decode-budget",
+        type=_positive,
+        default=None,
+        help="while answering, keep at most N pairs per layer and head, evicting with the same method",
+    )
+    parser.add_argument(
+        "--evict-every",
+        type=_positive,
+        default=16,
+        help="with --decode-budget: evict every K generated tokens (default 16)",
+    )
 
 
 def _budget_kwargs(args: argparse.Namespace) -> dict:
@@ -286,7 +298,13 @@ def _budget_kwargs(args: argparse.Namespace) -> dict:
         raise KVTrimError(
             f"--budget {budget} needs --{'budget-tokens' if budget == 'tokens' else 'threshold'}."
         )
-    return {"budget": budget or "uniform", "budget_options": options, "chunk_size": args.chunk}
+    return {
+        "budget": budget or "uniform",
+        "budget_options": options,
+        "chunk_size": args.chunk,
+        "decode_budget": args.decode_budget,
+        "evict_every": args.evict_every,
+    }
 
 
 def _methods() -> int:
@@ -341,6 +359,8 @@ def _ask(args: argparse.Namespace) -> int:
                     "ratio": session.ratio,
                     "budget": budget["budget"],
                     "chunk_size": budget["chunk_size"],
+                    "decode_budget": budget["decode_budget"],
+                    "decode_evictions": stats.decode_evictions,
                     "context_tokens": session.context_length,
                     "answers": [{"question": a.question, "answer": a.text} for a in answers],
                     "kv_tokens_before": stats.kv_tokens_before,

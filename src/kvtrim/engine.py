@@ -7,8 +7,11 @@ Two forward hooks per layer, both standard PyTorch seams (no monkeypatching):
   keep the top ones and swap the layer's tensors for smaller ones. The next layer then runs with
   this layer already compressed, so at most one layer's cache is uncompressed at any time.
 
-Compression happens on the *first* forward of a cache (its prefill): later forwards — the
-question, decoded tokens — only read the compressed cache.
+Compression happens on the *first* forward of a cache (its prefill); later forwards — the
+question, decoded tokens — only read the compressed cache, unless a :class:`DecodingSchedule`
+asks to keep evicting while decoding (the schedule axis), or chunked prefill compresses every
+forward. A batch of left-padded contexts is scored one context at a time on its own pairs, so
+padding is never scored nor kept.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 from torch import nn
 
 from kvtrim import ragged
-from kvtrim.budgets import Budget, UniformBudget, check_ratio, make_budget
+from kvtrim.budgets import Budget, UniformBudget, check_ratio, make_budget, top_indices
 from kvtrim.cache import (
     cache_bytes,
     compact,
@@ -33,6 +36,7 @@ from kvtrim.cache import (
     layer_tokens,
     logical_bytes,
 )
+from kvtrim.errors import KVTrimError
 from kvtrim.methods import LayerView, Scorer, make_scorer
 from kvtrim.models import (
     attention_modules,
@@ -57,6 +61,9 @@ class CompressionStats:
     kv_bytes_peak: int = 0
     layers_compressed: int = 0
     per_layer_kept: list[float] = field(default_factory=list)
+    #: (layer, head) evictions made while decoding (DecodingSchedule), counted per layer
+    decode_evictions: int = 0
+    decode_evict_s: float = 0.0
 
     def add_layer(self, bytes_before: int, bytes_after: int, seq: int, keep: float, heads: int) -> None:
         """Count one layer: ``seq`` pairs per head before, ``keep`` after (a mean if ragged)."""
@@ -71,11 +78,65 @@ class CompressionStats:
         return self.kv_bytes_before - self.kv_bytes_after
 
 
+@dataclass(frozen=True)
+class DecodingSchedule:
+    """Keep evicting while decoding, so long generations stay within ``tokens`` pairs per head.
+
+    After every forward that follows the prefill (the question, each decoded token), a layer whose
+    heads hold more than ``tokens`` pairs is evicted down to ``tokens − every + 1``: there is then
+    room for ``every − 1`` more tokens, so evictions happen once every ``every`` steps and the cache
+    never holds more than ``tokens`` pairs per head between steps (the step that triggers an
+    eviction attends over ``tokens + 1`` pairs, its own included). Scorers see the queries of the
+    last ``query_window`` tokens (the prefill's last ones at first).
+    """
+
+    tokens: int
+    every: int = 16
+    query_window: int = 32
+
+    def __post_init__(self) -> None:
+        if self.tokens < 1:
+            raise KVTrimError(f"The decoding budget must be >= 1 pair per head, got {self.tokens}.")
+        if not 1 <= self.every <= self.tokens:
+            raise KVTrimError(
+                f"evict_every must be between 1 and the decoding budget ({self.tokens}), got {self.every}."
+            )
+        if self.query_window < 1:
+            raise KVTrimError(f"query_window must be >= 1, got {self.query_window}.")
+
+    @property
+    def target(self) -> int:
+        """Pairs per head left after an eviction."""
+        return self.tokens - self.every + 1
+
+
+def decoding_schedule(
+    scorer: Scorer, budget: Budget, decode_budget: int | None, evict_every: int
+) -> DecodingSchedule | None:
+    """Validate decoding-phase eviction: it needs per-head positions and dense (not ragged) heads."""
+    if decode_budget is None:
+        return None
+    if not (scorer.chunkable and scorer.evicts):
+        from kvtrim.methods import METHODS
+
+        names = ", ".join(name for name, cls in METHODS.items() if cls.chunkable and cls.evicts)
+        raise KVTrimError(f"Method {scorer.name!r} cannot evict while decoding; these can: {names}.")
+    if budget.name not in ("uniform", "tokens", "pyramid"):
+        raise KVTrimError("Decoding eviction works with the uniform, tokens and pyramid budgets.")
+    return DecodingSchedule(tokens=int(decode_budget), every=int(evict_every))
+
+
 class Compressor:
     """Attaches to a model and compresses the cache of every prefill it sees while attached."""
 
     def __init__(
-        self, model: nn.Module, scorer: Scorer, ratio: float, seed: int = 0, budget: str | Budget = "uniform"
+        self,
+        model: nn.Module,
+        scorer: Scorer,
+        ratio: float,
+        seed: int = 0,
+        budget: str | Budget = "uniform",
+        decoding: DecodingSchedule | None = None,
     ):
         check_supported(model)
         self.model = model
@@ -95,6 +156,26 @@ class Compressor:
         # layer -> absolute positions of the kept pairs, (B, Hkv, K); tracked once a layer has
         # been compressed and then extended (chunked prefill), where heads hold different positions
         self._positions: dict[int, torch.Tensor] = {}
+        self.decoding = decoding
+        # layer -> (projected queries (B, W, H·D), their positions (W,)): the recent queries that
+        # scorers see when evicting while decoding
+        self._recent_queries: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        #: left padding (pairs) of each batch element in the cache being prefilled; None for B = 1
+        self.padding: list[int] | None = None
+        #: per compressed layer, the left padding of each element after compression
+        self.padding_after: list[list[int]] = []
+
+    @property
+    def tracks_positions(self) -> bool:
+        """Whether per-head positions are kept: needed when a cache is compressed more than once."""
+        return self.every_forward or self.decoding is not None
+
+    def decoding_state(self) -> tuple[dict, dict]:
+        """What decoding eviction changes, to put back with :meth:`restore_decoding_state`."""
+        return dict(self._positions), dict(self._recent_queries)
+
+    def restore_decoding_state(self, state: tuple[dict, dict]) -> None:
+        self._positions, self._recent_queries = dict(state[0]), dict(state[1])
 
     @contextmanager
     def attached(self) -> Iterator[Compressor]:
@@ -130,7 +211,11 @@ class Compressor:
             layer = cache.layers[idx]
             q_len = hidden.shape[1]
             if not (self.every_forward or _is_first_forward(layer, q_len)):
-                return  # the question or a decoded token: the cache is only read
+                if self.decoding is not None and not getattr(layer, "is_sliding", False):
+                    start = time.perf_counter()
+                    self._evict_while_decoding(module, idx, layer, kwargs, projected)
+                    self.stats.decode_evict_s += time.perf_counter() - start
+                return  # otherwise the question or a decoded token only reads the cache
             if getattr(layer, "is_sliding", False):
                 # Already bounded by its window, so not compressed. transformers keeps the window
                 # as a slice of the whole prefill's tensor, though, holding all T pairs alive:
@@ -143,10 +228,45 @@ class Compressor:
             # The instant this layer holds its uncompressed pairs is when the KV cache peaks.
             self.stats.kv_bytes_peak = max(self.stats.kv_bytes_peak, cache_bytes(cache))
             start = time.perf_counter()
-            self._compress(module, idx, layer, kwargs, projected, cache)
+            if self.decoding is not None and projected is not None:
+                self._remember_queries(idx, projected, _query_positions(kwargs, q_len, layer.keys.device))
+            if self.padding is not None:
+                self._compress_padded(module, idx, layer, kwargs, projected)
+            else:
+                self._compress(module, idx, layer, kwargs, projected, cache)
             self.stats.compress_s += time.perf_counter() - start
 
         return hook
+
+    def _remember_queries(self, idx: int, projected: torch.Tensor, positions: torch.Tensor) -> None:
+        """Keep the last ``query_window`` projected queries and their positions for this layer."""
+        assert self.decoding is not None
+        window = self.decoding.query_window
+        previous = self._recent_queries.get(idx)
+        if previous is not None:
+            projected = torch.cat([previous[0], projected], dim=1)  # (B, W + q, H·D)
+            positions = torch.cat([previous[1], positions])
+        self._recent_queries[idx] = (projected[:, -window:], positions[-window:])
+
+    def _evict_while_decoding(
+        self, attn: nn.Module, idx: int, layer: Any, kwargs: dict, projected: Any
+    ) -> None:
+        """Evict the layer down to the schedule's target once its heads hold more than the budget."""
+        assert self.decoding is not None
+        keys, values = layer.keys, layer.values  # (B, Hkv, T, D)
+        key_positions = self._key_positions(idx, keys, kwargs)  # (B, Hkv, T) once tracked
+        if projected is not None:
+            self._remember_queries(idx, projected, _query_positions(kwargs, projected.shape[1], keys.device))
+        if keys.shape[-2] <= self.decoding.tokens:
+            self._remember_positions(idx, keys, key_positions, None)
+            return
+        recent, positions = self._recent_queries[idx]
+        view = self._view(attn, idx, keys, values, kwargs, recent, key_positions, query_positions=positions)
+        chosen = top_indices(self.scorer.score(view), self.decoding.target)  # (B, Hkv, K)
+        layer.keys = gather_positions(keys, chosen)
+        layer.values = gather_positions(values, chosen)
+        self._remember_positions(idx, keys, key_positions, chosen)
+        self.stats.decode_evictions += 1
 
     def _compress(
         self, attn: nn.Module, idx: int, layer: Any, kwargs: dict, projected: Any, cache: Any
@@ -175,6 +295,54 @@ class Compressor:
         self._remember_positions(idx, keys, key_positions, chosen)
         self._account(layer, bytes_before, seq, chosen.shape[-1])
 
+    def _compress_padded(self, attn: nn.Module, idx: int, layer: Any, kwargs: dict, projected: Any) -> None:
+        """A left-padded batch: score and select each element on its own pairs, re-pad on the left.
+
+        Element b's pairs are the last ``T − padding[b]`` of the layer; its scorer view holds only
+        those (and their queries), exactly what compressing that context alone would see. The
+        kept indices of every element are left-padded to the longest by repeating the element's
+        first kept index: those slots are masked out by the attention mask the session builds.
+        """
+        assert self.padding is not None
+        keys, values = layer.keys, layer.values  # (B, Hkv, T, D)
+        seq = keys.shape[-2]
+        bytes_before = layer_bytes(layer)
+        kept: list[torch.Tensor] = []  # B × (Hkv, K_b) indices into the padded layout
+        for b, pad in enumerate(self.padding):
+            n_tokens = seq - pad
+            own_keys, own_values = keys[b : b + 1, :, pad:], values[b : b + 1, :, pad:]  # (1, Hkv, T_b, D)
+            if self.scorer.evicts and self.budget.evicts(n_tokens, self.ratio):
+                positions = torch.arange(n_tokens, device=keys.device)
+                own_projected = None if projected is None else projected[b : b + 1, pad:]  # (1, T_b, H·D)
+                view = self._view(
+                    attn,
+                    idx,
+                    own_keys,
+                    own_values,
+                    kwargs,
+                    own_projected,
+                    positions,
+                    query_positions=positions,
+                )
+                chosen = self.budget.select(self.scorer.score(view), idx, len(self._attentions), self.ratio)
+                if chosen.dtype == torch.bool:
+                    raise KVTrimError("Batches work with budgets that keep as many pairs in every head.")
+                kept.append(chosen[0] + pad)
+            else:
+                kept.append(torch.arange(pad, seq, device=keys.device).expand(keys.shape[1], -1))
+        width = max(k.shape[-1] for k in kept)
+        index = torch.stack([torch.cat([k[:, :1].expand(-1, width - k.shape[-1]), k], dim=-1) for k in kept])
+        layer.keys = gather_positions(keys, index)  # (B, Hkv, width, D)
+        layer.values = gather_positions(values, index)
+        self.padding_after.append([width - k.shape[-1] for k in kept])
+        heads = keys.shape[1]
+        self.stats.layers_compressed += 1
+        self.stats.kv_bytes_before += bytes_before
+        self.stats.kv_bytes_after += layer_bytes(layer)
+        self.stats.kv_tokens_before += (len(self.padding) * seq - sum(self.padding)) * heads
+        self.stats.kv_tokens_after += sum(k.shape[-1] for k in kept) * heads
+        self.stats.per_layer_kept.append(sum(k.shape[-1] for k in kept) / len(kept))
+
     def _key_positions(self, idx: int, keys: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """Absolute positions of the layer's cached pairs: (T,) while every head holds the same
         contiguous range, (B, Hkv, T) once earlier evictions left each head its own positions."""
@@ -192,7 +360,7 @@ class Compressor:
     def _remember_positions(
         self, idx: int, keys: torch.Tensor, key_positions: torch.Tensor, chosen: torch.Tensor | None
     ) -> None:
-        if not self.every_forward:
+        if not self.tracks_positions:
             return
         full = key_positions.expand(*keys.shape[:2], -1) if key_positions.dim() == 1 else key_positions
         self._positions[idx] = full if chosen is None else torch.gather(full, 2, chosen)
@@ -210,13 +378,10 @@ class Compressor:
         kwargs: dict,
         projected: Any,
         key_positions: torch.Tensor,
+        query_positions: torch.Tensor | None = None,
     ) -> LayerView:
-        seq = keys.shape[-2]
-        position_ids = kwargs.get("position_ids")
-        if position_ids is not None:
-            query_positions = position_ids[0].to(keys.device)
-        else:
-            query_positions = torch.arange(seq, device=keys.device)
+        if query_positions is None:
+            query_positions = _query_positions(kwargs, keys.shape[-2], keys.device)
         rope = rope_function(attn)
         rotary = rotary_for(self.model, attn)
 
@@ -248,6 +413,14 @@ class Compressor:
         )
 
 
+def _query_positions(kwargs: dict, q_len: int, device: torch.device) -> torch.Tensor:
+    """(q,) absolute positions of the current forward's tokens (batch element 0's)."""
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None:
+        return torch.arange(q_len, device=device)
+    return position_ids[0, -q_len:].to(device)
+
+
 def _rotation_cache(rotary: nn.Module) -> dict:
     """Averaged RoPE matrices live on the rotary module itself: shared by every layer and every
     compression of that model, and gone with the model."""
@@ -275,6 +448,8 @@ def compressing(
     tokenizer: Any = None,
     seed: int = 0,
     budget: str | Budget = "uniform",
+    decode_budget: int | None = None,
+    evict_every: int = 16,
     **options: Any,
 ) -> Iterator[Compressor]:
     """Compress the prefill of every ``model.generate`` / forward call made inside the block.
@@ -286,10 +461,13 @@ def compressing(
     The whole prompt (question included) is compressed, so the result is question-aware; use
     :func:`kvtrim.compress` to compress a context once and ask it many questions. RoPE positions stay
     true because ``generate`` derives them from the attention mask, not from the cache length.
-    Hooks are removed when the block exits, even on an exception.
+    Hooks are removed when the block exits, even on an exception. ``decode_budget=N`` also keeps
+    every layer at most N pairs per head while generating, evicting every ``evict_every`` tokens
+    (:class:`DecodingSchedule`; scorers that accept per-head positions, dense budgets).
     """
     scorer = make_scorer(method, **options)
-    compressor = Compressor(model, scorer, ratio, seed=seed, budget=budget)
+    decoding = decoding_schedule(scorer, make_budget(budget), decode_budget, evict_every)
+    compressor = Compressor(model, scorer, ratio, seed=seed, budget=budget, decoding=decoding)
     scorer.setup(model, tokenizer)
     with compressor.attached() as attached:
         yield attached

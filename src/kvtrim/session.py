@@ -8,19 +8,31 @@ restored to its compressed state, so every question sees exactly the same cache.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from kvtrim.budgets import Budget, TokenBudget, UniformBudget, check_ratio, make_budget, n_keep
+from kvtrim.budgets import (
+    Budget,
+    TokenBudget,
+    UniformBudget,
+    check_ratio,
+    make_budget,
+    n_keep,
+)
 from kvtrim.cache import CacheSnapshot, layer_bytes, layer_heads
-from kvtrim.engine import CompressionStats, Compressor
+from kvtrim.engine import CompressionStats, Compressor, decoding_schedule
 from kvtrim.errors import KVTrimError
 from kvtrim.methods import Scorer, make_scorer
 from kvtrim.models import max_context, text_config
 from kvtrim.prompting import PromptLayout, encode, layout_for
+
+if TYPE_CHECKING:
+    from kvtrim.batch import BatchSession
 
 
 @dataclass
@@ -47,6 +59,8 @@ class Session:
     stats: CompressionStats
     prefill_s: float
     answers: list[Answer] = field(default_factory=list)
+    #: set when evicting while decoding: attached during every answer, reset after it
+    compressor: Compressor | None = None
 
     def ask(self, question: str, max_new_tokens: int = 64, answer_prefix: str = "") -> str:
         """Answer ``question`` from the compressed cache (greedy decoding).
@@ -73,17 +87,22 @@ class Session:
             )
         start = time.perf_counter()
         snapshot = CacheSnapshot.take(self.cache)
+        evicting = self.compressor is not None and self.compressor.decoding is not None
+        state = self.compressor.decoding_state() if evicting else None
         try:
-            generated = greedy_decode(
-                self.model,
-                self.cache,
-                ids,
-                self.context_length,
-                max_new_tokens,
-                stop_ids=stop_token_ids(self.model, self.tokenizer),
-            )
+            with self.compressor.attached() if evicting else nullcontext():
+                generated = greedy_decode(
+                    self.model,
+                    self.cache,
+                    ids,
+                    self.context_length,
+                    max_new_tokens,
+                    stop_ids=stop_token_ids(self.model, self.tokenizer),
+                )
         finally:
             snapshot.restore(self.cache)
+            if state is not None:
+                self.compressor.restore_decoding_state(state)
         text = self.tokenizer.decode(generated, skip_special_tokens=True).strip()
         result = Answer(question, text, generated, time.perf_counter() - start)
         self.answers.append(result)
@@ -181,7 +200,7 @@ def greedy_decode(
 def compress(
     model: nn.Module,
     tokenizer: Any,
-    context: str,
+    context: str | Sequence[str],
     method: str | Scorer = "expected-attention",
     ratio: float = 0.5,
     *,
@@ -190,8 +209,10 @@ def compress(
     budget: str | Budget = "uniform",
     budget_options: dict[str, Any] | None = None,
     chunk_size: int | None = None,
+    decode_budget: int | None = None,
+    evict_every: int = 16,
     **options: Any,
-) -> Session:
+) -> Session | BatchSession:
     """Prefill ``context`` once, compressing each layer as it goes, and return a :class:`Session`.
 
     ``method`` is a scorer name (see ``kvtrim methods``) or a ready scorer; ``options`` are the
@@ -205,7 +226,30 @@ def compress(
     context length. The final budget is ``T − floor(ratio·T)`` (or the token budget). Later
     chunks then attend to the compressed cache of earlier ones: results differ from one-shot
     compression, which sees the whole context before evicting.
+
+    ``decode_budget=N`` keeps evicting while answering: every ``evict_every`` tokens, layers
+    holding more than N pairs per head are evicted with the same scorer (see
+    :class:`~kvtrim.engine.DecodingSchedule`), for long generations in bounded memory.
+
+    A list of contexts is prefilled as one left-padded batch and gives a
+    :class:`~kvtrim.batch.BatchSession`; each context keeps exactly what it would keep alone.
     """
+    if not isinstance(context, str):
+        from kvtrim.batch import compress_batch
+
+        if chunk_size is not None or decode_budget is not None:
+            raise KVTrimError("Batches do not support chunked prefill or decoding eviction yet.")
+        return compress_batch(
+            model,
+            tokenizer,
+            list(context),
+            method,
+            ratio,
+            use_chat_template=use_chat_template,
+            seed=seed,
+            budget=make_budget(budget, **(budget_options or {})),
+            **options,
+        )
     from transformers import DynamicCache
 
     scorer = make_scorer(method, **options)
@@ -213,7 +257,8 @@ def compress(
     policy = make_budget(budget, **(budget_options or {}))
     if chunk_size is not None:
         policy = _chunked_budget(scorer, policy, len(ids), check_ratio(ratio), chunk_size)
-    compressor = Compressor(model, scorer, ratio, seed=seed, budget=policy)
+    decoding = decoding_schedule(scorer, policy, decode_budget, evict_every)
+    compressor = Compressor(model, scorer, ratio, seed=seed, budget=policy, decoding=decoding)
     compressor.every_forward = chunk_size is not None
     scorer.setup(model, tokenizer)
     device = next(model.parameters()).device
@@ -234,6 +279,7 @@ def compress(
         peak = compressor.stats.kv_bytes_peak
         compressor.stats = _final_stats(cache, len(ids), compressor.stats.compress_s)
         compressor.stats.kv_bytes_peak = peak
+    compressor.every_forward = False
     total = time.perf_counter() - start
     return Session(
         model=model,
@@ -245,4 +291,5 @@ def compress(
         ratio=compressor.ratio,
         stats=compressor.stats,
         prefill_s=total - compressor.stats.compress_s,
+        compressor=compressor if decoding is not None else None,
     )
