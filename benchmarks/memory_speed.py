@@ -1,5 +1,6 @@
 """KV bytes, peak KV and process memory, prefill / compression time and decode speed, for
-uniform, adaptive (ragged heads) and chunked modes, on the embedded model.
+uniform, adaptive (ragged heads), chunked and decoding (evict while decoding) modes, on the
+embedded model.
 
 Not a test: figures measured in one run, printed as a table and saved as JSON. Each cell runs in
 its own process, so the peak RSS (``ru_maxrss``) is that cell's alone.
@@ -7,6 +8,10 @@ its own process, so the peak RSS (``ru_maxrss``) is that cell's alone.
     python benchmarks/memory_speed.py [--lengths 2048,4096,8192] [--ratios 0,0.5,0.75,0.9]
         [--modes uniform,adaptive,chunked] [--method expected-attention] [--chunk 512]
         [--decode-tokens 128] [--out memory_speed.json]
+
+Mode ``decoding`` compresses like ``uniform`` and then keeps the cache at the kept count while
+decoding (``decode_budget`` = kept pairs, evicting every 16 tokens). On CUDA the peak allocated
+GPU memory of the cell is reported too.
 
 Peak KV is the largest cache held at any instant of the prefill (kvtrim compresses each layer right
 after its attention, so even one-shot compression never holds the whole uncompressed cache); "full
@@ -21,6 +26,7 @@ import resource
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 
 
 def run_cell(length: int, ratio: float, mode: str, method: str, chunk: int, decode_tokens: int) -> dict:
@@ -29,8 +35,9 @@ def run_cell(length: int, ratio: float, mode: str, method: str, chunk: int, deco
 
     import kvtrim
     from kvtrim.bench.needle import needle_sample
+    from kvtrim.budgets import n_keep
     from kvtrim.models import max_context
-    from kvtrim.session import greedy_decode
+    from kvtrim.session import encode_context, greedy_decode
 
     torch.manual_seed(0)
     model, tokenizer = kvtrim.load_model()
@@ -44,10 +51,14 @@ def run_cell(length: int, ratio: float, mode: str, method: str, chunk: int, deco
             kwargs["epsilon"] = 1e-2  # the head-wise configuration of the paper's leaderboard
     elif mode == "chunked" and ratio > 0:
         kwargs["chunk_size"] = chunk
+    elif mode == "decoding" and ratio > 0:
+        _, ids = encode_context(model, tokenizer, sample.context, None)
+        kwargs["decode_budget"] = n_keep(len(ids), ratio)  # the prefill's kept count, held while decoding
     session = kvtrim.compress(model, tokenizer, sample.context, **kwargs)
     question = session.tokenizer(session.layout.question_text(sample.question), add_special_tokens=False)
+    evicting = session.compressor.attached() if session.compressor is not None else nullcontext()
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), evicting:
         produced = greedy_decode(
             model, session.cache, question["input_ids"], session.context_length, decode_tokens, stop_ids=set()
         )
@@ -68,7 +79,14 @@ def run_cell(length: int, ratio: float, mode: str, method: str, chunk: int, deco
         "prefill_s": session.prefill_s,
         "compress_s": stats.compress_s,
         "decode_tok_s": len(produced) / decode_s,
+        "decode_evictions": stats.decode_evictions,
+        "device": str(next(model.parameters()).device),
+        "cuda_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
     }
+
+
+def _mib(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def main() -> None:
@@ -96,7 +114,7 @@ def main() -> None:
     mib = 1024 * 1024
     header = (
         f"{'tokens':>6} {'ratio':>5} {'mode':<8} {'KV MiB':>7} {'kept/pairs':>10} {'peak KV':>8} "
-        f"{'full KV':>8} {'RSS MiB':>8} {'prefill s':>9} {'compr s':>7} {'decode t/s':>10}"
+        f"{'full KV':>8} {'RSS MiB':>8} {'CUDA MiB':>8} {'prefill s':>9} {'compr s':>7} {'decode t/s':>10}"
     )
     print(header)
     print("-" * len(header))
@@ -124,7 +142,7 @@ def main() -> None:
                 print(
                     f"{row['tokens']:>6} {ratio:>5g} {mode:<8} {row['kv_bytes'] / mib:>7.1f} {kept:>10.4f} "
                     f"{row['kv_bytes_peak'] / mib:>8.1f} {row['kv_bytes_full'] / mib:>8.1f} "
-                    f"{row['rss_peak_mib']:>8.0f} {row['prefill_s']:>9.2f} "
+                    f"{row['rss_peak_mib']:>8.0f} {_mib(row['cuda_peak_mib']):>8} {row['prefill_s']:>9.2f} "
                     f"{row['compress_s']:>7.3f} {row['decode_tok_s']:>10.1f}",
                     flush=True,
                 )
