@@ -80,6 +80,17 @@ def gather_positions(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tenso
     return torch.gather(tensor, 2, expanded).contiguous()
 
 
+def left_padded_index(kept: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    """Stack per-element kept indices into one batch index, padded on the left.
+
+    kept: B × (Hkv, K_b) -> index (B, Hkv, max K_b) and each element's padding. A padding slot
+    repeats the element's first kept index (any real pair would do: the attention mask hides it).
+    """
+    width = max(k.shape[-1] for k in kept)
+    index = torch.stack([torch.cat([k[:, :1].expand(-1, width - k.shape[-1]), k], dim=-1) for k in kept])
+    return index, [width - k.shape[-1] for k in kept]
+
+
 @dataclass
 class CacheSnapshot:
     """References to every layer's tensors and counters.

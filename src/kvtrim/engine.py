@@ -34,6 +34,7 @@ from kvtrim.cache import (
     layer_bytes,
     layer_heads,
     layer_tokens,
+    left_padded_index,
     logical_bytes,
 )
 from kvtrim.errors import KVTrimError
@@ -330,11 +331,10 @@ class Compressor:
                 kept.append(chosen[0] + pad)
             else:
                 kept.append(torch.arange(pad, seq, device=keys.device).expand(keys.shape[1], -1))
-        width = max(k.shape[-1] for k in kept)
-        index = torch.stack([torch.cat([k[:, :1].expand(-1, width - k.shape[-1]), k], dim=-1) for k in kept])
+        index, padding = left_padded_index(kept)  # (B, Hkv, width)
         layer.keys = gather_positions(keys, index)  # (B, Hkv, width, D)
         layer.values = gather_positions(values, index)
-        self.padding_after.append([width - k.shape[-1] for k in kept])
+        self.padding_after.append(padding)
         heads = keys.shape[1]
         self.stats.layers_compressed += 1
         self.stats.kv_bytes_before += bytes_before
