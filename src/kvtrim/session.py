@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 from torch import nn
@@ -194,6 +194,28 @@ def greedy_decode(
         generated.append(token)
         ids = torch.tensor([[token]], device=device)
     return generated
+
+
+@overload
+def compress(
+    model: nn.Module,
+    tokenizer: Any,
+    context: str,
+    method: str | Scorer = ...,
+    ratio: float = ...,
+    **kwargs: Any,
+) -> Session: ...
+
+
+@overload
+def compress(
+    model: nn.Module,
+    tokenizer: Any,
+    context: Sequence[str],
+    method: str | Scorer = ...,
+    ratio: float = ...,
+    **kwargs: Any,
+) -> BatchSession: ...
 
 
 @torch.inference_mode()
