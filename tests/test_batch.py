@@ -115,7 +115,7 @@ def test_batch_errors(tokenizer):
         kvtrim.compress(llama, tokenizer, CONTEXTS, "knorm", 0.5).ask(["only one?"])
     with pytest.raises(KVTrimError, match="at least one context"):
         kvtrim.compress(llama, tokenizer, [], "knorm", 0.5)
-    with pytest.raises(KVTrimError, match="chunked prefill or decoding eviction"):
+    with pytest.raises(KVTrimError, match="chunked prefill, decoding eviction"):
         kvtrim.compress(llama, tokenizer, CONTEXTS, "knorm", 0.5, chunk_size=16)
     with pytest.raises(KVTrimError, match="empty"):
         kvtrim.compress(llama, tokenizer, ["fine", " "], "knorm", 0.5)

@@ -194,3 +194,71 @@ def test_bench_cli_user_errors(tmp_path, capsys):
     assert "ratio" in capsys.readouterr().err
     assert main("report", str(tmp_path / "nothing")) == 2
     assert "no results.jsonl" in capsys.readouterr().err
+    assert main("bench", "--tasks", "vt", "--budgets", "uniform,tokens", "--out", str(tmp_path / "x")) == 2
+    assert "ignores the ratio" in capsys.readouterr().err
+    assert main("bench", "--tasks", "vt", "--budgets", "nope", "--out", str(tmp_path / "x")) == 2
+    assert "Unknown budget 'nope'" in capsys.readouterr().err
+
+
+def test_bench_cli_budgets_and_query_aware(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "budgets"
+    args = [
+        "bench",
+        "--model",
+        tiny_dir,
+        "--tasks",
+        "passkey",
+        "--length",
+        "300",
+        "--samples",
+        "1",
+        "--quiet",
+    ]
+    args += ["--methods", "snapkv,snapkv-query-aware", "--budgets", "uniform,adaptive", "--ratios", "0,0.5"]
+    assert main(*args, "--max-new-tokens", "3", "--out", str(out)) == 0
+    stdout = capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / RESULTS_FILE).read_text().splitlines()]
+    cells = {(r["method"], r["ratio"], r["budget"], r["shared_prefill"]) for r in rows}
+    assert cells == {
+        ("none", 0.0, "uniform", True),
+        ("snapkv", 0.5, "uniform", True),
+        ("snapkv", 0.5, "adaptive", True),
+        ("snapkv-query-aware", 0.5, "uniform", False),
+        ("snapkv-query-aware", 0.5, "adaptive", False),
+    }
+    assert json.loads((out / "config.json").read_text())["budgets"] == ["uniform", "adaptive"]
+    header = "| task | n | none | snapkv 0.5 | snapkv+adaptive 0.5 | snapkv-query-aware 0.5 | "
+    assert header + "snapkv-query-aware+adaptive 0.5 |" in stdout
+    assert main("report", str(out)) == 0
+    assert (out / "accuracy_vs_ratio_snapkv-query-aware-adaptive.png").read_bytes().startswith(PNG)
+
+
+def test_budgets_are_their_own_series_and_old_rows_are_uniform(tmp_path):
+    rows = synthetic_rows()  # no budget field: uniform
+    for i in range(4):
+        rows.append(row("vt", i, "knorm", 0.5, 60.0, budget="adaptive"))
+        rows.append(row("vt", i, "knorm", 0.5, 20.0, budget="pyramid"))
+        rows.append(row("vt", i, "knorm", 0.25, 40.0, budget="uniform"))  # same cell as the old rows
+    assert ordered_cells(rows) == [
+        ("none", 0.0),
+        ("knorm", 0.25),
+        ("knorm", 0.5),
+        ("knorm+adaptive", 0.5),
+        ("knorm+pyramid", 0.5),
+    ]
+    lines = accuracy_table(rows).splitlines()
+    assert lines[0] == "| task | n | none | knorm 0.25 | knorm 0.5 | knorm+adaptive 0.5 | knorm+pyramid 0.5 |"
+    assert lines[3] == "| vt | 4 | 80.0 | 40.0 | 0.0 | 60.0 | 20.0 |"
+    assert "| knorm+adaptive 0.5 | 4 |" in cost_table(rows)
+    paths = plot_accuracy(rows, tmp_path)
+    assert [p.name for p in paths] == [
+        "accuracy_vs_ratio.png",
+        "accuracy_vs_ratio_knorm.png",
+        "accuracy_vs_ratio_knorm-adaptive.png",
+        "accuracy_vs_ratio_knorm-pyramid.png",
+    ]
+    assert all(p.read_bytes().startswith(PNG) for p in paths)
+    # a comparison matches rows on their budget too
+    changed = [dict(r, score=0.0, prediction="x") if r.get("budget") == "adaptive" else r for r in rows]
+    text = comparison_markdown(rows, changed, "A", "B")
+    assert "60.0 → 0.0 (-60.0)" in text and "20.0 → 20.0 (+0.0)" in text

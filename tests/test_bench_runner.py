@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 from conftest import make_model, make_tokenizer, sample_text
+from transformers import DynamicCache
 
 import kvtrim
 from kvtrim.bench.perplexity import continuation_ids, continuation_nll, perplexity
@@ -25,7 +26,7 @@ from kvtrim.bench.runner import (
 )
 from kvtrim.methods import METHODS
 from kvtrim.methods.simple import KNorm
-from kvtrim.prompting import encode
+from kvtrim.prompting import encode, layout_for
 from kvtrim.session import greedy_decode, stop_token_ids
 
 COMPARED = ("prediction", "score", "kv_bytes_after", "kv_tokens_after", "kv_bytes_before", "nll", "n_tokens")
@@ -74,17 +75,41 @@ def reference(llama, tok, tmp_path_factory):
 def test_cells_merge_ratio_zero_and_none():
     config = small_config(methods=["knorm", "none", "qfilters"], ratios=[0.5, 0, 0.25])
     assert config.cells() == [
-        ("none", 0.0),
-        ("knorm", 0.25),
-        ("knorm", 0.5),
-        ("qfilters", 0.25),
-        ("qfilters", 0.5),
+        ("none", 0.0, "uniform"),
+        ("knorm", 0.25, "uniform"),
+        ("knorm", 0.5, "uniform"),
+        ("qfilters", 0.25, "uniform"),
+        ("qfilters", 0.5, "uniform"),
     ]
-    assert small_config(ratios=[0.5]).cells() == [("knorm", 0.5), ("expected-attention", 0.5)]
+    assert small_config(ratios=[0.5]).cells() == [
+        ("knorm", 0.5, "uniform"),
+        ("expected-attention", 0.5, "uniform"),
+    ]
     with pytest.raises(kvtrim.KVTrimError, match="Unknown method"):
         small_config(methods=["nope"])
     with pytest.raises(kvtrim.KVTrimError, match="ratio"):
         small_config(ratios=[1.0])
+
+
+def test_budget_axis_cells_and_refusals():
+    config = small_config(methods=["knorm"], ratios=[0, 0.5], budgets=["uniform", "adaptive", "pyramid"])
+    # the ratio-0 cell evicts nothing whatever the budget: one baseline cell
+    assert config.cells() == [
+        ("none", 0.0, "uniform"),
+        ("knorm", 0.5, "uniform"),
+        ("knorm", 0.5, "adaptive"),
+        ("knorm", 0.5, "pyramid"),
+    ]
+    for budget in ("tokens", "threshold"):
+        with pytest.raises(kvtrim.KVTrimError, match="ignores the ratio"):
+            small_config(budgets=["uniform", budget])
+    with pytest.raises(kvtrim.KVTrimError, match="Unknown budget 'nope'"):
+        small_config(budgets=["nope"])
+    with pytest.raises(kvtrim.KVTrimError, match="No budget"):
+        small_config(budgets=[])
+    qa = small_config(methods=["snapkv", "snapkv-query-aware"], ratios=[0.5])
+    assert ("snapkv-query-aware", 0.5, "uniform") in qa.task_cells("passkey")
+    assert qa.task_cells("perplexity") == [("snapkv", 0.5, "uniform")]  # no question to see
 
 
 def test_resolve_tasks():
@@ -182,19 +207,92 @@ def test_a_different_configuration_is_refused(llama, tok, tmp_path):
         run_bench(llama, tok, other, tmp_path, progress=False)
 
 
+def test_budget_rows_shared_equal_separate_and_old_folders_resume(llama, tok, tmp_path):
+    budgets = ["uniform", "adaptive", "pyramid"]
+    config = small_config(tasks=["passkey"], samples=1, methods=["knorm", "snapkv"], budgets=budgets)
+    shared = run_bench(llama, tok, config, tmp_path / "shared", progress=False).rows
+    alone = {
+        row_key(r): r
+        for r in run_bench(llama, tok, config, tmp_path / "alone", share=False, progress=False).rows
+    }
+    assert len(shared) == len(alone) == 1 + 2 * 3
+    assert {r["budget"] for r in shared} == set(budgets)
+    for row in shared:
+        for name in COMPARED:
+            assert row.get(name) == alone[row_key(row)].get(name), (row_key(row), name)
+    adaptive = [r for r in shared if r["budget"] == "adaptive"]
+    assert all(r["kv_tokens_after"] < r["kv_tokens_before"] for r in adaptive)
+    # a folder written before the budget axis: no budgets in config.json, no budget in the rows
+    old = tmp_path / "old"
+    plain = small_config(tasks=["passkey"], samples=1, methods=["knorm"])
+    rows = run_bench(llama, tok, plain, old, progress=False).rows
+    stored = json.loads((old / CONFIG_FILE).read_text())
+    del stored["budgets"]
+    (old / CONFIG_FILE).write_text(json.dumps(stored))
+    (old / RESULTS_FILE).write_text(
+        "".join(json.dumps({k: v for k, v in r.items() if k != "budget"}) + "\n" for r in rows)
+    )
+    again = run_bench(llama, tok, plain, old, progress=False)
+    assert (again.written, again.skipped) == (0, 2)
+    with pytest.raises(kvtrim.KVTrimError, match=r"different configuration \(budgets"):
+        run_bench(
+            llama, tok, small_config(tasks=["passkey"], samples=1, methods=["knorm"], budgets=budgets), old
+        )
+
+
 class QueryAwareKNorm(KNorm):
     query_aware = True  # pretends to need the question: must not share the prefill
 
 
-def test_query_aware_methods_get_their_own_prefill(reference, llama, tok, tmp_path, monkeypatch):
+def test_query_aware_methods_get_their_own_prefill_with_the_question(
+    reference, llama, tok, tmp_path, monkeypatch
+):
     monkeypatch.setitem(METHODS, "knorm", QueryAwareKNorm)
-    config = small_config(tasks=["passkey"], methods=["knorm", "expected-attention"])
+    config = small_config(tasks=["passkey", "perplexity"], methods=["knorm", "expected-attention"])
     rows = run_bench(llama, tok, config, tmp_path, progress=False).rows
+    assert not any(r["method"] == "knorm" and r["task"] == "perplexity" for r in rows)  # no question
+    assert len(rows) == 2 * 3 + 2 * 2
     for row in rows:
+        ref = reference[row_key(row)]
         assert row["shared_prefill"] == (row["method"] != "knorm")
         assert row["prefill_cells"] == (1 if row["method"] == "knorm" else 2)
-        for name in COMPARED:
-            assert row.get(name) == reference[row_key(row)].get(name)
+        if row["method"] == "knorm":  # the question was prefilled (and compressed) with the context
+            assert row["context_tokens"] > ref["context_tokens"]
+            assert row["kv_tokens_before"] > ref["kv_tokens_before"]
+        else:
+            for name in COMPARED:
+                assert row.get(name) == ref.get(name)
+
+
+def test_snapkv_query_aware_rows_are_labelled_and_answer_as_a_manual_prefill(llama, tok, tmp_path):
+    config = small_config(
+        tasks=["passkey", "perplexity"], samples=1, methods=["snapkv", "snapkv-query-aware"]
+    )
+    config.ratios = [0.5]
+    rows = run_bench(llama, tok, config, tmp_path, progress=False).rows
+    labels = {(r["task"], r["method"]) for r in rows}
+    assert labels == {("passkey", "snapkv"), ("passkey", "snapkv-query-aware"), ("perplexity", "snapkv")}
+    row = next(r for r in rows if r["method"] == "snapkv-query-aware")
+    assert not row["shared_prefill"]
+    # the reference: prefill [context | question] compressed by snapkv in one forward, decode greedily
+    sample = build_samples(config, tok)["passkey"][0]
+    layout = layout_for(tok, sample.context, True)
+    ids = encode(tok, layout.context_text, layout.add_special_tokens)
+    ids += encode(tok, layout.question_prefix + sample.question)
+    cache = DynamicCache(config=llama.config)
+    with kvtrim.compressing(llama, "snapkv", ratio=0.5, tokenizer=tok), torch.inference_mode():
+        llama(
+            input_ids=torch.tensor([ids]),
+            position_ids=torch.arange(len(ids))[None],
+            cache=cache,
+            use_cache=True,
+        )
+        tail = encode(tok, layout.question_suffix + sample.answer_prefix.lstrip())
+        budget = min(sample.max_new_tokens, config.max_new_tokens)
+        expected = greedy_decode(llama, cache, tail, len(ids), budget, stop_token_ids(llama, tok))
+    assert row["context_tokens"] == len(ids)
+    assert row["prediction"] == tok.decode(expected, skip_special_tokens=True).strip()
+    assert row["generated_tokens"] == len(expected)
 
 
 def test_answer_prefix_is_continued_after_the_prompt(llama, tok):

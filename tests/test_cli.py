@@ -164,3 +164,19 @@ def test_decode_budget_flags(tmp_path, tiny_dir):
     _assert_user_error(
         run(*args, "--method", "snapkv", "--decode-budget", "60"), "cannot evict while decoding"
     )
+
+
+def test_ask_query_aware_compresses_each_question(tmp_path, tiny_dir):
+    doc = tmp_path / "doc.txt"
+    doc.write_text(sample_text(120))
+    args = ["ask", str(doc), "-q", "one?", "-q", "second question?", "--model", tiny_dir]
+    result = run(*args, "--method", "snapkv-query-aware", "--ratio", "0.5", "--json", "--max-new-tokens", "3")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["query_aware"] and report["method"] == "snapkv-query-aware"
+    assert [a["question"] for a in report["answers"]] == ["one?", "second question?"]
+    plain = json.loads(run(*args, "--method", "snapkv", "--json", "--max-new-tokens", "3").stdout)
+    assert not plain["query_aware"]
+    # the last question's tokens were prefilled (and compressed) with the context
+    assert report["context_tokens"] > plain["context_tokens"]
+    _assert_user_error(run("demo", "--method", "snapkv-query-aware"), "kvtrim ask")

@@ -221,6 +221,10 @@ def compress_batch(
     policy = budget or UniformBudget()
     _check_batchable(model, policy)
     scorer = make_scorer(method, **options)
+    if scorer.query_aware:
+        raise KVTrimError(
+            f"Method {scorer.name!r} needs a question per context; batches do not take one yet."
+        )
     encoded = [encode_context(model, tokenizer, c, use_chat_template) for c in contexts]
     layouts = [layout for layout, _ in encoded]
     padding, ids, mask = _left_pad([ids for _, ids in encoded], _pad_id(tokenizer))

@@ -115,14 +115,18 @@ def _depth(text: str) -> float:
 
 
 BENCH_EPILOG = """\
-Each context is prefilled once and every (method, ratio) cell is derived from that prefill
-(bit-identical to compressing it alone). Ratio 0 and method 'none' are one cell ('none'),
-evaluated once per sample. Rows stream to OUT/results.jsonl; rerun the same command to resume an
-interrupted run (OUT/config.json must match). Then: kvtrim report OUT.
+Each context is prefilled once and every (method, ratio, budget) cell is derived from that
+prefill (bit-identical to compressing it alone); query-aware methods (snapkv-query-aware) get a
+prefill of their own with the question. Ratio 0 and method 'none' are one cell ('none'),
+evaluated once per sample. Reports label non-uniform budgets as METHOD+BUDGET. Rows stream
+to OUT/results.jsonl; rerun the same command to resume an interrupted run (OUT/config.json
+must match). Then: kvtrim report OUT.
 
 examples:
   kvtrim bench --tasks ruler --length 4096 --samples 20 \\
       --methods knorm,expected-attention,qfilters --ratios 0,0.25,0.5,0.75 --out results/ruler-4k
+  kvtrim bench --tasks ruler --length 2048 --methods snapkv,snapkv-query-aware \
+      --budgets uniform,adaptive,pyramid --ratios 0,0.5 --out results/budgets
   kvtrim bench --tasks niah_single_1,vt,perplexity --length 2048 --samples 5 --out results/quick
   kvtrim bench --tasks needle_grid --grid-lengths 1024,2048,4096 --out results/grid
   kvtrim bench --dataset ruler --data ~/ruler/4096 --tasks ruler --length 4096 --out results/ruler-hf
@@ -163,6 +167,13 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
         type=_csv(_ratio),
         default=[0.0, 0.25, 0.5, 0.75],
         help="comma-separated ratios in [0, 1) (default: 0,0.25,0.5,0.75)",
+    )
+    bench.add_argument(
+        "--budgets",
+        type=_csv(str),
+        default=["uniform"],
+        help="comma-separated budgets, each swept with every method and ratio: uniform, pyramid, "
+        "adaptive (default: uniform)",
     )
     bench.add_argument("--seed", type=int, default=0, help="task generation and method seed (default 0)")
     bench.add_argument(
@@ -335,22 +346,38 @@ def _ask(args: argparse.Namespace) -> int:
     from kvtrim.methods import make_scorer
 
     context = _read_context(args.context_file)
-    make_scorer(args.method)  # fail on an unknown method or budget before loading the model
+    query_aware = make_scorer(args.method).query_aware  # fails on an unknown method before loading
     budget = _budget_kwargs(args)
     model, tokenizer = kvtrim.load_model(args.model)
-    session = kvtrim.compress(
-        model,
-        tokenizer,
-        context,
-        method=args.method,
-        ratio=args.ratio,
-        use_chat_template=False if args.no_chat_template else None,
-        **budget,
-    )
-    start = time.perf_counter()
-    answers = [session.answer(q, max_new_tokens=args.max_new_tokens) for q in args.question]
-    answer_s = time.perf_counter() - start
-    stats = session.stats
+
+    def compress(question: str | None) -> kvtrim.Session:
+        return kvtrim.compress(
+            model,
+            tokenizer,
+            context,
+            method=args.method,
+            ratio=args.ratio,
+            use_chat_template=False if args.no_chat_template else None,
+            question=question,
+            **budget,
+        )
+
+    answers = []
+    if query_aware:  # the question is compressed with the context: one compression per question
+        answer_s = prefill_s = compress_s = 0.0
+        for question in args.question:
+            session = compress(question)
+            answers.append(session.answer(question, max_new_tokens=args.max_new_tokens))
+            answer_s += answers[-1].answer_s
+            prefill_s += session.prefill_s
+            compress_s += session.stats.compress_s
+    else:
+        session = compress(None)
+        prefill_s, compress_s = session.prefill_s, session.stats.compress_s
+        start = time.perf_counter()
+        answers = [session.answer(q, max_new_tokens=args.max_new_tokens) for q in args.question]
+        answer_s = time.perf_counter() - start
+    stats = session.stats  # a query-aware run reports its last question's cache
     if args.json:
         print(
             json.dumps(
@@ -361,6 +388,7 @@ def _ask(args: argparse.Namespace) -> int:
                     "chunk_size": budget["chunk_size"],
                     "decode_budget": budget["decode_budget"],
                     "decode_evictions": stats.decode_evictions,
+                    "query_aware": query_aware,
                     "context_tokens": session.context_length,
                     "answers": [{"question": a.question, "answer": a.text} for a in answers],
                     "kv_tokens_before": stats.kv_tokens_before,
@@ -368,8 +396,8 @@ def _ask(args: argparse.Namespace) -> int:
                     "kv_bytes_before": stats.kv_bytes_before,
                     "kv_bytes_after": stats.kv_bytes_after,
                     "kv_bytes_peak": stats.kv_bytes_peak,
-                    "prefill_s": round(session.prefill_s, 4),
-                    "compress_s": round(stats.compress_s, 4),
+                    "prefill_s": round(prefill_s, 4),
+                    "compress_s": round(compress_s, 4),
                     "answer_s": round(answer_s, 4),
                 },
                 indent=2,
@@ -385,9 +413,9 @@ def _ask(args: argparse.Namespace) -> int:
         f"KV cache: {stats.kv_bytes_before / mib:.1f} MiB -> {stats.kv_bytes_after / mib:.1f} MiB "
         f"({saved:.0f}% saved)"
     )
-    print(
-        f"prefill {session.prefill_s:.2f} s, compression {stats.compress_s:.3f} s, answers {answer_s:.2f} s"
-    )
+    if query_aware:
+        print(f"query-aware: the context was compressed with each question ({len(answers)} compressions)")
+    print(f"prefill {prefill_s:.2f} s, compression {compress_s:.3f} s, answers {answer_s:.2f} s")
     return 0
 
 
@@ -401,7 +429,11 @@ def _demo(args: argparse.Namespace) -> int:
     data = resources.files("kvtrim") / "data"
     document = (data / "example.md").read_text(encoding="utf-8")
     questions = json.loads((data / "example_questions.json").read_text(encoding="utf-8"))
-    make_scorer(args.method)
+    if make_scorer(args.method).query_aware:
+        raise KVTrimError(
+            f"The demo compresses the document once for all its questions; {args.method!r} compresses "
+            "each question with it: try it with `kvtrim ask FILE -q QUESTION --method ...`."
+        )
     print(f"Loading the model ({args.model or 'embedded SmolLM2-135M-Instruct'})...", file=sys.stderr)
     model, tokenizer = kvtrim.load_model(args.model)
     runs = [("none", 0.0), (args.method, args.ratio)] if args.method != "none" else [("none", 0.0)]
@@ -481,6 +513,7 @@ def _bench(args: argparse.Namespace) -> int:
         tasks=resolve_tasks(args.tasks, args.dataset, data_files),
         methods=args.methods,
         ratios=args.ratios,
+        budgets=args.budgets,
         length=args.length,
         samples=args.samples,
         seed=args.seed,

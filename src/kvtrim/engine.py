@@ -283,18 +283,11 @@ class Compressor:
             return
         view = self._view(attn, idx, keys, values, kwargs, projected, key_positions)
         chosen = self.budget.select(self.scorer.score(view), idx, len(self._attentions), self.ratio)
-        if chosen.dtype == torch.bool:  # (B, Hkv, T) keep mask
-            counts = chosen.sum(dim=-1)  # (B, Hkv)
-            if bool((counts == counts.flatten()[0]).all()):
-                chosen = chosen.nonzero()[:, -1].view(*counts.shape, -1)  # (B, Hkv, K) sorted
-            else:
-                cache.layers[idx] = ragged.RaggedLayer.from_mask(keys, values, chosen)
-                self._account(cache.layers[idx], bytes_before, seq, int(counts.sum()) / counts.numel())
-                return
-        layer.keys = gather_positions(keys, chosen)
-        layer.values = gather_positions(values, chosen)
-        self._remember_positions(idx, keys, key_positions, chosen)
-        self._account(layer, bytes_before, seq, chosen.shape[-1])
+        kept = keep_selected(layer, chosen)
+        cache.layers[idx] = kept.layer
+        if kept.indices is not None:
+            self._remember_positions(idx, keys, key_positions, kept.indices)
+        self._account(kept.layer, bytes_before, seq, kept.per_head)
 
     def _compress_padded(self, attn: nn.Module, idx: int, layer: Any, kwargs: dict, projected: Any) -> None:
         """A left-padded batch: score and select each element on its own pairs, re-pad on the left.
@@ -419,6 +412,36 @@ def _query_positions(kwargs: dict, q_len: int, device: torch.device) -> torch.Te
     if position_ids is None:
         return torch.arange(q_len, device=device)
     return position_ids[0, -q_len:].to(device)
+
+
+@dataclass
+class KeptLayer:
+    """A layer shrunk to a budget's choice (see :func:`keep_selected`)."""
+
+    layer: Any  # the layer to store in the cache
+    indices: torch.Tensor | None  # (B, Hkv, K) kept positions, or None for a ragged layer
+    per_head: float  # pairs kept per head (a mean for a ragged layer)
+
+
+def keep_selected(layer: Any, chosen: torch.Tensor) -> KeptLayer:
+    """Shrink ``layer`` to the pairs a budget chose; the one place that turns a choice into a layer.
+
+    ``chosen`` is what :meth:`Budget.select` returns: (B, Hkv, K) sorted indices, or a (B, Hkv, T)
+    boolean keep mask. A mask whose heads all keep the same count becomes indices, and ``layer``
+    gets smaller tensors in place; uneven heads become a new :class:`ragged.RaggedLayer`, each
+    head owning only its own pairs. The shared prefill calls this too (on a copy of each full
+    layer), which is what keeps its cells bit-identical to compressing alone.
+    """
+    keys, values = layer.keys, layer.values  # (B, Hkv, T, D)
+    if chosen.dtype == torch.bool:  # (B, Hkv, T) keep mask
+        counts = chosen.sum(dim=-1)  # (B, Hkv)
+        if not bool((counts == counts.flatten()[0]).all()):
+            ragged_layer = ragged.RaggedLayer.from_mask(keys, values, chosen)
+            return KeptLayer(ragged_layer, None, int(counts.sum()) / counts.numel())
+        chosen = chosen.nonzero()[:, -1].view(*counts.shape, -1)  # (B, Hkv, K) sorted
+    layer.keys = gather_positions(keys, chosen)
+    layer.values = gather_positions(values, chosen)
+    return KeptLayer(layer, chosen, chosen.shape[-1])
 
 
 def _rotation_cache(rotary: nn.Module) -> dict:

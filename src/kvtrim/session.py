@@ -3,6 +3,11 @@
 Each question is appended after the compressed context with its *true* RoPE positions (the
 context's length, not the shorter cache's), answered by greedy decoding, and the cache is then
 restored to its compressed state, so every question sees exactly the same cache.
+
+A query-aware compression (``compress(..., question=q)``) prefills the question right after the
+context and compresses both together, as SnapKV's paper does: scorers then see the question while
+choosing what to keep. Such a session answers that one question; only the end of the prompt (the
+chat template's closing, the answer prefix) is appended after the compressed cache.
 """
 
 from __future__ import annotations
@@ -61,24 +66,45 @@ class Session:
     answers: list[Answer] = field(default_factory=list)
     #: set when evicting while decoding: attached during every answer, reset after it
     compressor: Compressor | None = None
+    #: the budget policy's name (``uniform``, ``pyramid``, ``adaptive``, ...)
+    budget: str = "uniform"
+    #: the question compressed together with the context (query-aware), or None
+    question: str | None = None
 
-    def ask(self, question: str, max_new_tokens: int = 64, answer_prefix: str = "") -> str:
+    def ask(self, question: str | None = None, max_new_tokens: int = 64, answer_prefix: str = "") -> str:
         """Answer ``question`` from the compressed cache (greedy decoding).
 
         ``answer_prefix`` is put after the prompt's end (after the assistant tag with a chat
         template) and the model continues it, as benchmarks like RULER do; it is not part of the
-        returned text.
+        returned text. A query-aware session already holds its question: pass it again or None.
         """
         return self.answer(question, max_new_tokens=max_new_tokens, answer_prefix=answer_prefix).text
 
     @torch.inference_mode()
-    def answer(self, question: str, max_new_tokens: int = 64, answer_prefix: str = "") -> Answer:
+    def answer(
+        self, question: str | None = None, max_new_tokens: int = 64, answer_prefix: str = ""
+    ) -> Answer:
         """Like :meth:`ask`, returning token ids and timing as well."""
-        if not question.strip():
-            raise KVTrimError("The question is empty.")
         if max_new_tokens < 1:
             raise KVTrimError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        ids = encode(self.tokenizer, self.layout.question_text(question) + answer_prefix)
+        if self.question is not None:
+            if question is not None and question != self.question:
+                raise KVTrimError(
+                    "This session compressed its question with the context (query-aware) and can "
+                    "answer only that one; compress again with question=... to ask another."
+                )
+            question = self.question
+            # The question is in the cache already: only the prompt's closing follows it.
+            ids = encode(self.tokenizer, self.layout.question_suffix + answer_prefix)
+            if not ids:
+                raise KVTrimError(
+                    "Nothing follows the compressed question in this prompt layout; give an "
+                    "answer_prefix for the model to continue."
+                )
+        else:
+            if question is None or not question.strip():
+                raise KVTrimError("The question is empty.")
+            ids = encode(self.tokenizer, self.layout.question_text(question) + answer_prefix)
         limit = max_context(self.model)
         if self.context_length + len(ids) + max_new_tokens > limit:
             raise KVTrimError(
@@ -110,17 +136,32 @@ class Session:
 
 
 def encode_context(
-    model: nn.Module, tokenizer: Any, context: str, use_chat_template: bool | None
+    model: nn.Module,
+    tokenizer: Any,
+    context: str,
+    use_chat_template: bool | None,
+    question: str | None = None,
 ) -> tuple[PromptLayout, list[int]]:
-    """Lay out and tokenize a context, refusing an empty one or one beyond the model's window."""
+    """Lay out and tokenize the part of the prompt to compress: the context, then (query-aware) the
+    question with its prefix but not the template's closing. Refuses an empty context or question,
+    and a prompt beyond the model's window.
+
+    The question is tokenized apart from the context, at the same boundary as when it is asked
+    after a compressed context, so both layouts hold the same tokens."""
     if not context or not context.strip():
         raise KVTrimError("The context is empty: give some text to compress.")
     layout = layout_for(tokenizer, context, use_chat_template)
     ids = encode(tokenizer, layout.context_text, layout.add_special_tokens)
+    what = "context"
+    if question is not None:
+        if not question.strip():
+            raise KVTrimError("The question is empty.")
+        ids += encode(tokenizer, layout.question_prefix + question)
+        what = "context with its question"
     limit = max_context(model)
     if len(ids) >= limit:
         raise KVTrimError(
-            f"The context is {len(ids)} tokens long, longer than the model's window of {limit} tokens; "
+            f"The {what} is {len(ids)} tokens long, longer than the model's window of {limit} tokens; "
             "shorten it or use a model with a longer context."
         )
     return layout, ids
@@ -233,6 +274,7 @@ def compress(
     chunk_size: int | None = None,
     decode_budget: int | None = None,
     evict_every: int = 16,
+    question: str | None = None,
     **options: Any,
 ) -> Session | BatchSession:
     """Prefill ``context`` once, compressing each layer as it goes, and return a :class:`Session`.
@@ -255,12 +297,20 @@ def compress(
 
     A list of contexts is prefilled as one left-padded batch and gives a
     :class:`~kvtrim.batch.BatchSession`; each context keeps exactly what it would keep alone.
+
+    ``question=q`` compresses the question together with the context (query-aware): it is
+    prefilled right after the context (inside the same user message with a chat template), so
+    scorers see it — SnapKV's observation window is then the question. The session answers that
+    question only (``session.ask()``); the template's closing and any answer prefix follow the
+    compressed cache. Methods flagged ``query_aware`` (``snapkv-query-aware``) require it.
     """
     if not isinstance(context, str):
         from kvtrim.batch import compress_batch
 
-        if chunk_size is not None or decode_budget is not None:
-            raise KVTrimError("Batches do not support chunked prefill or decoding eviction yet.")
+        if chunk_size is not None or decode_budget is not None or question is not None:
+            raise KVTrimError(
+                "Batches do not support chunked prefill, decoding eviction or query-aware compression yet."
+            )
         return compress_batch(
             model,
             tokenizer,
@@ -275,8 +325,14 @@ def compress(
     from transformers import DynamicCache
 
     scorer = make_scorer(method, **options)
-    layout, ids = encode_context(model, tokenizer, context, use_chat_template)
+    if scorer.query_aware and question is None:
+        raise KVTrimError(
+            f"Method {scorer.name!r} compresses the question with the context: pass question=... "
+            "(kvtrim ask does so for each -q)."
+        )
+    layout, ids = encode_context(model, tokenizer, context, use_chat_template, question)
     policy = make_budget(budget, **(budget_options or {}))
+    budget_name = policy.name
     if chunk_size is not None:
         policy = _chunked_budget(scorer, policy, len(ids), check_ratio(ratio), chunk_size)
     decoding = decoding_schedule(scorer, policy, decode_budget, evict_every)
@@ -314,4 +370,6 @@ def compress(
         stats=compressor.stats,
         prefill_s=total - compressor.stats.compress_s,
         compressor=compressor if decoding is not None else None,
+        budget=budget_name,
+        question=question,
     )

@@ -1,9 +1,10 @@
-"""Prefill a context once and derive a compressed session for every (method, ratio) from it.
+"""Prefill a context once and derive a compressed session for every (method, ratio, budget) from it.
 
 Why it is exact: compression in kvtrim happens after each layer's attention, so the prefill's
 hidden states — and therefore every scorer's view of every layer — are the same whatever is
-evicted. Scoring all methods in one prefill, keeping the full cache, and gathering each cell's kept
-pairs from it gives bit-identical caches to compressing with each (method, ratio) alone, for the
+evicted. Scoring all methods in one prefill, keeping the full cache, and building each cell's
+layers from it with the budget's own choice (:func:`kvtrim.engine.keep_selected`, the engine's own
+code) gives bit-identical caches to compressing with each (method, ratio, budget) alone, for the
 price of one prefill (plus each scorer's own time).
 """
 
@@ -18,47 +19,69 @@ from typing import Any
 import torch
 from torch import nn
 
-from kvtrim.budgets import check_ratio, n_keep, top_indices
-from kvtrim.cache import gather_positions, layer_bytes, layer_heads, layer_tokens, logical_bytes
-from kvtrim.engine import CompressionStats, Compressor
+from kvtrim import ragged
+from kvtrim.budgets import Budget, UniformBudget, check_ratio, make_budget
+from kvtrim.cache import layer_bytes, layer_heads, layer_tokens, logical_bytes
+from kvtrim.engine import CompressionStats, Compressor, keep_selected
 from kvtrim.errors import KVTrimError
 from kvtrim.methods import Scorer, make_scorer
 from kvtrim.models import text_config
 from kvtrim.prompting import PromptLayout
 from kvtrim.session import Session, encode_context
 
+Cell = tuple[str, float, str]  # (method, ratio, budget name)
+
 
 class _ScoreRecorder(Compressor):
-    """Scores every layer with every scorer and records the kept indices per ratio; evicts nothing."""
+    """Scores every layer with every scorer and records each cell's choice; evicts nothing."""
 
-    def __init__(self, model: nn.Module, scorers: Mapping[str, Scorer], ratios: list[float], seed: int):
+    def __init__(
+        self,
+        model: nn.Module,
+        scorers: Mapping[str, Scorer],
+        ratios: list[float],
+        budgets: Mapping[str, Budget],
+        seed: int,
+    ):
         super().__init__(model, make_scorer("none"), 0.0, seed=seed)
         self.scorers = dict(scorers)
         self.ratios = ratios
-        # (method, ratio) -> per layer: (B, Hkv, keep) indices, or None when the layer keeps all
-        self.kept: dict[tuple[str, float], list[torch.Tensor | None]] = {
-            (name, r): [] for name in self.scorers for r in ratios
+        self.budgets = dict(budgets)
+        # cell -> per non-sliding layer: what budget.select returned ((B, Hkv, K) indices or a
+        # (B, Hkv, T) keep mask), or None when the layer keeps everything
+        self.kept: dict[Cell, list[torch.Tensor | None]] = {
+            (name, r, b): [] for name in self.scorers for r in ratios for b in self.budgets
         }
         self.score_s: dict[str, float] = dict.fromkeys(self.scorers, 0.0)
+        self.select_s: dict[Cell, float] = dict.fromkeys(self.kept, 0.0)
 
     def _compress(
         self, attn: nn.Module, idx: int, layer: Any, kwargs: dict, projected: Any, cache: Any
     ) -> None:
         seq = layer_tokens(layer)
+        n_layers = len(self._attentions)
         view = None
         for name, scorer in self.scorers.items():
-            keeps = {r: (n_keep(seq, r) if scorer.evicts else seq) for r in self.ratios}
+            evicting = {
+                (r, b): scorer.evicts and budget.evicts(seq, r)
+                for r in self.ratios
+                for b, budget in self.budgets.items()
+            }
             scores = None
-            if any(k < seq for k in keeps.values()):
+            if any(evicting.values()):
                 start = time.perf_counter()
                 if view is None:
                     positions = self._key_positions(idx, layer.keys, kwargs)
                     view = self._view(attn, idx, layer.keys, layer.values, kwargs, projected, positions)
                 scores = scorer.score(view)  # (B, Hkv, T)
                 self.score_s[name] += time.perf_counter() - start
-            for ratio, keep in keeps.items():
-                chosen = top_indices(scores, keep) if keep < seq else None  # (B, Hkv, keep)
-                self.kept[(name, ratio)].append(chosen)
+            for (ratio, budget_name), evicts in evicting.items():
+                chosen = None
+                if evicts:
+                    start = time.perf_counter()
+                    chosen = self.budgets[budget_name].select(scores, idx, n_layers, ratio)
+                    self.select_s[(name, ratio, budget_name)] += time.perf_counter() - start
+                self.kept[(name, ratio, budget_name)].append(chosen)
         self.stats.layers_compressed += 1
         self._account(layer, layer_bytes(layer), seq, seq)
 
@@ -69,7 +92,7 @@ def _is_sliding(layer: Any) -> bool:
 
 @dataclass
 class SharedPrefill:
-    """One uncompressed prefill plus the kept indices of every (method, ratio) cell."""
+    """One uncompressed prefill plus every (method, ratio, budget) cell's choice of pairs."""
 
     model: nn.Module
     tokenizer: Any
@@ -77,34 +100,35 @@ class SharedPrefill:
     context_length: int
     full_cache: Any
     prefill_s: float
-    kept: dict[tuple[str, float], list[torch.Tensor | None]]
+    kept: dict[Cell, list[torch.Tensor | None]]
     score_s: dict[str, float] = field(default_factory=dict)
+    select_s: dict[Cell, float] = field(default_factory=dict)
 
-    def cells(self) -> list[tuple[str, float]]:
+    def cells(self) -> list[Cell]:
         return list(self.kept)
 
-    def session(self, method: str, ratio: float) -> Session:
-        """A session whose cache holds exactly what ``compress(context, method, ratio)`` would keep."""
-        key = (method, check_ratio(ratio))
+    def session(self, method: str, ratio: float, budget: str = "uniform") -> Session:
+        """A session whose cache holds exactly what ``compress(context, method, ratio, budget=budget)``
+        would keep."""
+        key = (method, check_ratio(ratio), budget)
         if key not in self.kept:
             raise KVTrimError(f"No cell {key} in this prefill; cells: {self.cells()}")
         cache = copy.copy(self.full_cache)
         cache.layers = []
-        stats = CompressionStats(compress_s=self.score_s.get(method, 0.0))
+        stats = CompressionStats(compress_s=self.score_s.get(method, 0.0) + self.select_s.get(key, 0.0))
         chosen_iter = iter(self.kept[key])
         for layer in self.full_cache.layers:
-            pruned = copy.copy(layer)
+            pruned = copy.copy(layer)  # shares the full tensors until keep_selected replaces them
             before = logical_bytes(layer.keys) + logical_bytes(layer.values)
             seq = layer_tokens(layer)
-            keep = seq
+            keep: float = seq
             if not _is_sliding(layer):
                 chosen = next(chosen_iter)
                 if chosen is not None:
-                    pruned.keys = gather_positions(layer.keys, chosen)
-                    pruned.values = gather_positions(layer.values, chosen)
-                    keep = chosen.shape[-1]
+                    kept = keep_selected(pruned, chosen)
+                    pruned, keep = kept.layer, kept.per_head
                 stats.layers_compressed += 1
-            stats.add_layer(before, layer_bytes(pruned), seq, keep, layer_heads(layer))
+            stats.add_layer(before, layer_bytes(pruned), seq, keep, layer_heads(pruned))
             cache.layers.append(pruned)
         return Session(
             model=self.model,
@@ -116,7 +140,22 @@ class SharedPrefill:
             ratio=key[1],
             stats=stats,
             prefill_s=self.prefill_s,
+            budget=budget,
         )
+
+
+def _budget_map(budgets: Iterable[str | Budget] | Mapping[str, Budget]) -> dict[str, Budget]:
+    """Budgets keyed by name; a non-uniform one needs kvtrim's attention (ragged or per-layer)."""
+    if isinstance(budgets, Mapping):
+        out = {name: make_budget(b) for name, b in budgets.items()}
+    else:
+        out = {}
+        for budget in budgets:
+            policy = make_budget(budget)
+            out[budget if isinstance(budget, str) else policy.name] = policy
+    if not out:
+        raise KVTrimError("No budget to compress with; give at least one (e.g. 'uniform').")
+    return out
 
 
 @torch.inference_mode()
@@ -127,12 +166,15 @@ def prefill_once(
     methods: Iterable[str | Scorer] | Mapping[str, Scorer],
     ratios: Iterable[float],
     *,
+    budgets: Iterable[str | Budget] | Mapping[str, Budget] = ("uniform",),
     use_chat_template: bool | None = None,
     seed: int = 0,
 ) -> SharedPrefill:
     """Prefill ``context`` once, scoring it with every method; see :class:`SharedPrefill`.
 
-    ``methods`` are names (or scorers, keyed by their name) of question-agnostic methods.
+    ``methods`` are names (or scorers, keyed by their name) of question-agnostic methods;
+    ``budgets`` names (or policies, keyed by their name) of budgets, each applied to every
+    (method, ratio).
     """
     from transformers import DynamicCache
 
@@ -144,10 +186,21 @@ def prefill_once(
         for method in methods:
             scorer = make_scorer(method)
             scorers[method if isinstance(method, str) else scorer.name] = scorer
+    for name, scorer in scorers.items():
+        if scorer.query_aware:
+            raise KVTrimError(
+                f"Method {name!r} needs the question while compressing; it cannot share a "
+                "question-agnostic prefill (use kvtrim.compress(..., question=...))."
+            )
     ratio_list = [check_ratio(r) for r in ratios]
+    policies = _budget_map(budgets)
+    if any(not isinstance(p, UniformBudget) for p in policies.values()):
+        # As Compressor does for such budgets: the cells' caches (and, for the prefill to match
+        # compressing alone, the prefill itself) run on kvtrim's attention function.
+        ragged.enable(model)
     for scorer in scorers.values():
         scorer.setup(model, tokenizer)
-    recorder = _ScoreRecorder(model, scorers, ratio_list, seed)
+    recorder = _ScoreRecorder(model, scorers, ratio_list, policies, seed)
     device = next(model.parameters()).device
     cache = DynamicCache(config=text_config(model))
     start = time.perf_counter()
@@ -169,4 +222,5 @@ def prefill_once(
         prefill_s=total - recorder.stats.compress_s,
         kept=recorder.kept,
         score_s=recorder.score_s,
+        select_s=recorder.select_s,
     )

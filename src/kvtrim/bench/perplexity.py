@@ -149,7 +149,7 @@ def perplexity(
     )
     ids = encode(tokenizer, continuation)[:max_tokens]
     out = {}
-    for method, ratio in shared.cells():
+    for method, ratio, _ in shared.cells():
         nll, n = continuation_nll(shared.session(method, ratio), ids)
         out[(method, ratio)] = math.exp(nll / n)
     return out

@@ -1,7 +1,10 @@
 """Reports of a benchmark folder: markdown tables, accuracy-vs-ratio plots, a needle heat map, and the
 comparison of two folders.
 
-The ``("none", 0.0)`` cell (nothing evicted) is drawn as every method's ratio-0 point and shown as
+A cell is (series, ratio), where the series is the method, labelled ``method+budget`` when the row's
+budget is not uniform (``snapkv+adaptive``): each (method, budget) pair is one column group and one
+curve, and tables keep one header row. Rows without a budget field (older folders) are uniform.
+The ``("none", 0.0)`` cell (nothing evicted) is drawn as every series' ratio-0 point and shown as
 its own ``none`` column. Plots use matplotlib's object API (``Figure``, Agg canvas), so making a
 report never touches a global backend.
 """
@@ -32,8 +35,14 @@ def load_rows(out_dir: str | Path) -> list[Row]:
     return read_results(folder / RESULTS_FILE)
 
 
+def series_of(row: Row) -> str:
+    """The method, with its budget when not uniform: ``knorm``, ``knorm+adaptive``."""
+    method, budget = str(row["method"]), str(row.get("budget") or "uniform")
+    return method if budget == "uniform" or method == "none" else f"{method}+{budget}"
+
+
 def cell_of(row: Row) -> Cell:
-    return str(row["method"]), float(row["ratio"])
+    return series_of(row), float(row["ratio"])
 
 
 def cell_label(cell: Cell) -> str:
@@ -170,7 +179,7 @@ def summary_markdown(rows: Sequence[Row], title: str = "kvtrim bench") -> str:
 
 
 def comparison_markdown(rows_a: Sequence[Row], rows_b: Sequence[Row], label_a: str, label_b: str) -> str:
-    """Scores of two folders side by side, on the (task, sample, method, ratio) rows both hold:
+    """Scores of two folders side by side, on the (task, sample, method, ratio, budget) rows both hold:
     ``A → B (Δ)`` per task and cell, the average row, and how many predictions changed."""
 
     def keyed(rows: Sequence[Row]) -> dict[tuple, Row]:
@@ -230,9 +239,20 @@ def _method_curve(values: dict[Cell, float], method: str) -> tuple[list[float], 
     return xs, [points[x] for x in xs]
 
 
+_BUDGET_LINES = {"adaptive": "--", "pyramid": ":"}
+
+
+def _series_style(series: str, all_series: Sequence[str]) -> dict[str, Any]:
+    """One colour per method, one line style per budget: a method's budgets read as a family."""
+    methods = list(dict.fromkeys(s.split("+")[0] for s in all_series))
+    method, _, budget = series.partition("+")
+    color = f"C{methods.index(method) % 10}" if method in methods else None
+    return {"color": color, "linestyle": _BUDGET_LINES.get(budget, "-.") if budget else "-"}
+
+
 def plot_accuracy(rows: Sequence[Row], out_dir: str | Path) -> list[Path]:
-    """``accuracy_vs_ratio.png`` (average per method) and ``accuracy_vs_ratio_<method>.png`` (one line
-    per task, plus the average)."""
+    """``accuracy_vs_ratio.png`` (average per series) and ``accuracy_vs_ratio_<series>.png`` (one line
+    per task, plus the average); a series is a method, or ``method+budget`` for other budgets."""
     acc = _accuracy_rows(rows)
     if not acc:
         return []
@@ -246,7 +266,7 @@ def plot_accuracy(rows: Sequence[Row], out_dir: str | Path) -> list[Path]:
     ax = fig.subplots()
     for method in methods or ["none"]:
         xs, ys = _method_curve(avg, method)
-        ax.plot(xs, ys, marker="o", label=method)
+        ax.plot(xs, ys, marker="o", label=method, **_series_style(method, methods))
     _style_accuracy(ax, "Average score vs compression ratio")
     paths.append(out / "accuracy_vs_ratio.png")
     fig.savefig(paths[-1])
@@ -284,7 +304,7 @@ def plot_perplexity(rows: Sequence[Row], path: str | Path) -> Path | None:
     methods = list(dict.fromkeys(m for m, _ in ordered_cells(_perplexity_rows(rows)) if m != "none"))
     for method in methods or ["none"]:
         xs, ys = _method_curve(ppl, method)
-        ax.plot(xs, ys, marker="o", label=method)
+        ax.plot(xs, ys, marker="o", label=method, **_series_style(method, methods))
     ax.set_xlabel("compression ratio (fraction of the KV cache evicted)")
     ax.set_ylabel("perplexity of the continuation")
     ax.set_title("Perplexity vs compression ratio (lower is better)")

@@ -1,16 +1,20 @@
-"""The benchmark runner: every (task sample × method × ratio) cell, one prefill per sample.
+"""The benchmark runner: every (task sample × method × ratio × budget) cell, one prefill per sample.
 
 Why one prefill: kvtrim's methods are question-agnostic and evict only after each layer's attention
 ran, so every cell of a sample sees the same prefill; :func:`kvtrim.shared_prefill.prefill_once`
-scores it once per method and each cell gathers its own kept pairs from the full cache, bit-identical
-to compressing that cell alone. A scorer that declares ``query_aware = True`` (it needs to see the
-question while compressing) falls back to a prefill of its own per cell.
+scores it once per method, each budget picks every (method, ratio) cell's pairs from those scores,
+and each cell gathers its own kept pairs from the full cache, bit-identical to compressing that cell
+alone. A scorer that declares ``query_aware = True`` (``snapkv-query-aware``) compresses the question
+with the context, so each of its cells gets a prefill of its own, question included; it has no cell
+on ``perplexity``, which has no question.
 
-Ratio 0 and method ``none`` are the same cache (nothing evicted), so they form a single cell,
-``("none", 0.0)``, evaluated once per sample; reports draw it as every method's ratio-0 point.
+Ratio 0 and method ``none`` are the same cache (nothing evicted, whatever the budget), so they form
+a single cell, ``("none", 0.0, "uniform")``, evaluated once per sample; reports draw it as every
+method's ratio-0 point.
 
-Results stream to ``DIR/results.jsonl``, one row per (task, sample index, method, ratio), written
-and flushed as soon as the cell is answered. A rerun with the same configuration (``DIR/config.json``)
+Results stream to ``DIR/results.jsonl``, one row per (task, sample index, method, ratio, budget),
+written and flushed as soon as the cell is answered (rows written before budgets existed have no
+``budget`` field and count as ``uniform``). A rerun with the same configuration (``DIR/config.json``)
 skips the rows already there, so an interrupted run resumes where it stopped; a truncated last line
 (the process died mid-write) is dropped and that cell is run again.
 """
@@ -24,7 +28,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +41,12 @@ CONFIG_FILE = "config.json"
 DATASETS = ("generated", "ruler", "longbench")
 EXTRA_TASKS = ("perplexity", "needle_grid")
 DEFAULT_GRID_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
-BASELINE = ("none", 0.0)
+BASELINE = ("none", 0.0, "uniform")
+#: budgets a sweep can use: those decided by the ratio alone (``tokens`` / ``threshold`` ignore it)
+SWEEP_BUDGETS = ("uniform", "pyramid", "adaptive")
 
-Key = tuple[str, int, str, float]  # (task, sample index, method, ratio)
+Cell = tuple[str, float, str]  # (method, ratio, budget)
+Key = tuple[str, int, str, float, str]  # (task, sample index, method, ratio, budget)
 
 
 @dataclass
@@ -49,6 +56,7 @@ class BenchConfig:
     tasks: list[str]
     methods: list[str]
     ratios: list[float]
+    budgets: list[str] = field(default_factory=lambda: ["uniform"])
     length: int = 4096
     samples: int = 10
     seed: int = 0
@@ -79,6 +87,17 @@ class BenchConfig:
         self.ratios = sorted(dict.fromkeys(check_ratio(r) for r in self.ratios))
         if not self.ratios:
             raise KVTrimError("No ratio to run; give --ratios (e.g. 0,0.5).")
+        self.budgets = list(dict.fromkeys(self.budgets))
+        if not self.budgets:
+            raise KVTrimError("No budget to run; give --budgets (e.g. uniform,adaptive).")
+        for budget in self.budgets:
+            if budget in ("tokens", "threshold"):
+                raise KVTrimError(
+                    f"The {budget!r} budget ignores the ratio, which the bench sweeps; --budgets takes "
+                    f"{', '.join(SWEEP_BUDGETS)}. Try it with `kvtrim ask --budget {budget}` instead."
+                )
+            if budget not in SWEEP_BUDGETS:
+                raise KVTrimError(f"Unknown budget {budget!r}; --budgets takes {', '.join(SWEEP_BUDGETS)}.")
         if self.length < 1 or self.samples < 1 or self.grid_samples < 1:
             raise KVTrimError("length, samples and grid samples must be positive.")
         if self.dataset not in DATASETS:
@@ -91,13 +110,23 @@ class BenchConfig:
             if not 0.0 <= depth <= 1.0:
                 raise KVTrimError(f"Needle depths must be in [0, 1], got {depth}.")
 
-    def cells(self) -> list[tuple[str, float]]:
-        """The (method, ratio) cells of every sample; ratio 0 and ``none`` collapse into one."""
-        cells: list[tuple[str, float]] = []
+    def cells(self) -> list[Cell]:
+        """The (method, ratio, budget) cells of every sample; ratio 0 and ``none`` collapse into one."""
+        cells: list[Cell] = []
         if "none" in self.methods or 0.0 in self.ratios:
             cells.append(BASELINE)
-        cells += [(m, r) for m in self.methods if m != "none" for r in self.ratios if r > 0]
+        cells += [
+            (m, r, b) for m in self.methods if m != "none" for b in self.budgets for r in self.ratios if r > 0
+        ]
         return cells
+
+    def task_cells(self, task: str) -> list[Cell]:
+        """The cells of one task's samples: perplexity has no question, so no query-aware cell."""
+        if task != "perplexity":
+            return self.cells()
+        from kvtrim.methods import make_scorer
+
+        return [c for c in self.cells() if not make_scorer(c[0]).query_aware]
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
@@ -106,6 +135,17 @@ class BenchConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> BenchConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Default values of the optional fields, as stored in config.json."""
+        out: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.default is not MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not MISSING:
+                out[f.name] = f.default_factory()
+        return json.loads(json.dumps(out))
 
 
 def resolve_tasks(
@@ -137,7 +177,9 @@ def resolve_tasks(
 
 
 def row_key(row: Mapping[str, Any]) -> Key:
-    return (str(row["task"]), int(row["index"]), str(row["method"]), float(row["ratio"]))
+    """(task, index, method, ratio, budget); rows from before the budget axis are ``uniform``."""
+    budget = str(row.get("budget") or "uniform")
+    return (str(row["task"]), int(row["index"]), str(row["method"]), float(row["ratio"]), budget)
 
 
 def read_results(path: str | Path, repair: bool = False) -> list[dict[str, Any]]:
@@ -195,7 +237,9 @@ def check_config(out_dir: Path, config: BenchConfig) -> None:
     path = out_dir / CONFIG_FILE
     wanted = config.to_dict()
     if path.is_file():
-        stored = json.loads(path.read_text(encoding="utf-8"))
+        # A field the stored file lacks was added since that run, which used its default (old
+        # folders have no ``budgets``: they ran the uniform budget only).
+        stored = {**BenchConfig.defaults(), **json.loads(path.read_text(encoding="utf-8"))}
         if stored != wanted and read_results(out_dir / RESULTS_FILE):
             diffs = [
                 f"{k}: {stored.get(k)!r} there, {wanted.get(k)!r} now"
@@ -320,14 +364,18 @@ class CellEvaluator:
 
         names = ["none", *self.config.methods]
         self.scorers = {name: make_scorer(name) for name in dict.fromkeys(names)}
+        if any(b != "uniform" for b in self.config.budgets):
+            # Every cell — shared or alone, whatever its budget — then runs on the same attention
+            # function, so the order cells are run in cannot change a row.
+            from kvtrim import ragged
+
+            ragged.enable(self.model)
 
     def shares(self, method: str) -> bool:
         """Whether ``method`` can take its cache from a shared prefill (question-agnostic scorers)."""
-        return self.share and not getattr(self.scorers[method], "query_aware", False)
+        return self.share and not self.scorers[method].query_aware
 
-    def run(
-        self, task: str, index: int, sample: Sample, cells: Sequence[tuple[str, float]]
-    ) -> Iterator[dict]:
+    def run(self, task: str, index: int, sample: Sample, cells: Sequence[Cell]) -> Iterator[dict]:
         """Rows of the pending ``cells`` of one sample, each yielded as soon as it is done."""
         import kvtrim
         from kvtrim.shared_prefill import prefill_once
@@ -336,8 +384,9 @@ class CellEvaluator:
         shared = [c for c in cells if self.shares(c[0])]
         alone = [c for c in cells if not self.shares(c[0])]
         if shared:
-            methods = list(dict.fromkeys(m for m, _ in shared))
-            ratios = list(dict.fromkeys(r for _, r in shared))
+            methods = list(dict.fromkeys(m for m, _, _ in shared))
+            ratios = list(dict.fromkeys(r for _, r, _ in shared))
+            budgets = list(dict.fromkeys(b for _, _, b in shared))
             start = time.perf_counter()
             prefill = prefill_once(
                 self.model,
@@ -345,26 +394,31 @@ class CellEvaluator:
                 sample.context,
                 {m: self.scorers[m] for m in methods},
                 ratios,
+                budgets=budgets,
                 use_chat_template=chat,
                 seed=self.config.seed,
             )
             setup_s = time.perf_counter() - start
-            for method, ratio in shared:
+            for method, ratio, budget in shared:
                 start = time.perf_counter()
-                session = prefill.session(method, ratio)
+                session = prefill.session(method, ratio, budget)
                 yield self._row(task, index, sample, session, chat, True, len(shared), setup_s, start)
                 setup_s = 0.0  # the shared prefill's wall time is charged to its first cell
             del prefill
-        for method, ratio in alone:
+        for method, ratio, budget in alone:
             start = time.perf_counter()
+            scorer = self.scorers[method]
             session = kvtrim.compress(
                 self.model,
                 self.tokenizer,
                 sample.context,
-                method=self.scorers[method],
+                method=scorer,
                 ratio=ratio,
+                budget=budget,
                 use_chat_template=chat,
                 seed=self.config.seed,
+                # query-aware: the question is prefilled and compressed after the context
+                question=sample.question if scorer.query_aware else None,
             )
             yield self._row(task, index, sample, session, chat, False, 1, 0.0, start)
 
@@ -386,6 +440,7 @@ class CellEvaluator:
             "index": index,
             "method": session.method,
             "ratio": session.ratio,
+            "budget": session.budget,
         }
         if task == "perplexity":
             from kvtrim.bench.perplexity import continuation_ids, continuation_nll
@@ -488,12 +543,12 @@ def run_bench(
     done = {row_key(r) for r in existing}
     if samples is None:
         samples = build_samples(config, tokenizer)
-    cells = config.cells()
     plan = []
     skipped = 0
     for task, items in samples.items():
+        cells = config.task_cells(task)
         for index, sample in enumerate(items):
-            pending = [c for c in cells if (task, index, c[0], c[1]) not in done]
+            pending = [c for c in cells if (task, index, *c) not in done]
             skipped += len(cells) - len(pending)
             if pending:
                 plan.append((task, index, sample, pending))

@@ -15,7 +15,7 @@ from kvtrim.methods.leverage import Leverage
 from kvtrim.methods.observed_attention import ObservedAttention
 from kvtrim.methods.qfilters import QFilters
 from kvtrim.methods.simple import KNorm, NoEviction, RandomScorer, StreamingLLM
-from kvtrim.methods.snapkv import SnapKV
+from kvtrim.methods.snapkv import SnapKV, SnapKVQueryAware
 from kvtrim.methods.tova import TOVA
 
 METHODS: dict[str, type[Scorer]] = {
@@ -28,6 +28,7 @@ METHODS: dict[str, type[Scorer]] = {
         RandomScorer,
         StreamingLLM,
         SnapKV,
+        SnapKVQueryAware,
         TOVA,
         ObservedAttention,
         KeyDiff,

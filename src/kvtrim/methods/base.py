@@ -89,6 +89,10 @@ class Scorer:
     evicts: ClassVar[bool] = True
     #: True when the scorer accepts per-head key positions (B, Hkv, T), as chunked prefill gives
     chunkable: ClassVar[bool] = False
+    #: True when the scorer must see the question while compressing: ``kvtrim.compress`` then
+    #: requires ``question=`` (prefilled and compressed after the context) and the benchmark
+    #: gives every such cell a prefill of its own instead of the shared one.
+    query_aware: ClassVar[bool] = False
 
     def setup(self, model: torch.nn.Module, tokenizer: Any) -> None:
         """Prepare model-specific data once (e.g. calibration); default: nothing."""

@@ -61,6 +61,18 @@ class SnapKV(Scorer):
         return snapkv_scores(view, self.window, self.kernel_size)
 
 
+@dataclass
+class SnapKVQueryAware(SnapKV):
+    """SnapKV as in the paper: the question is prefilled after the context and compressed with it,
+    so the observation window — the prompt's last ``window`` tokens — is the question (preceded by
+    the end of the context when the question is shorter than the window). Its cache serves that one
+    question only; plain ``snapkv`` compresses the context alone and serves any question."""
+
+    name = "snapkv-query-aware"
+    summary = "SnapKV with the question compressed after the context: the window is the question."
+    query_aware = True
+
+
 def check_snapkv_options(window: int, kernel_size: int) -> None:
     """An even kernel would shift the pooled scores by half a position: refuse it."""
     if window < 1:
