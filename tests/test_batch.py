@@ -119,3 +119,27 @@ def test_batch_errors(tokenizer):
         kvtrim.compress(llama, tokenizer, CONTEXTS, "knorm", 0.5, chunk_size=16)
     with pytest.raises(KVTrimError, match="empty"):
         kvtrim.compress(llama, tokenizer, ["fine", " "], "knorm", 0.5)
+
+
+def test_shared_batch_prefill_equals_compressing_the_batch(tokenizer):
+    """One batch prefill, every cell derived from it: bit-identical caches, same answers."""
+    from kvtrim.shared_batch import prefill_batch_once
+
+    model = make_model("llama")
+    methods = ["knorm", "expected-attention", "snapkv"]
+    prefill = prefill_batch_once(model, tokenizer, CONTEXTS, methods, [0.25, 0.5])
+    for method in methods:
+        for ratio in (0.25, 0.5):
+            shared = prefill.session(method, ratio)
+            alone = kvtrim.compress(model, tokenizer, CONTEXTS, method, ratio)
+            assert shared.padding == alone.padding
+            for mine, theirs in zip(shared.cache.layers, alone.cache.layers, strict=True):
+                assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)
+            for name in ("kv_tokens_before", "kv_tokens_after", "kv_bytes_after"):
+                assert getattr(shared.stats, name) == getattr(alone.stats, name)
+            budgets = [5, 3, 8]  # one new-token budget per context
+            answers = shared.answer(QUESTIONS, max_new_tokens=budgets)
+            assert [a.token_ids for a in answers] == [a.token_ids for a in alone.answer(QUESTIONS, budgets)]
+            assert all(len(a.token_ids) <= n for a, n in zip(answers, budgets, strict=True))
+    with pytest.raises(KVTrimError, match="uniform and tokens budgets"):
+        prefill_batch_once(model, tokenizer, CONTEXTS, methods, [0.5], budgets=["adaptive"])

@@ -322,3 +322,49 @@ def test_perplexity_at_ratio_zero_is_the_models_own(llama, tok):
     cells = perplexity(llama, tok, sample.context, text, ["knorm"], [0.0, 0.75], max_tokens=len(cont))
     assert math.isclose(cells[("knorm", 0.0)], math.exp(float(direct) / n), rel_tol=1e-4)
     assert cells[("knorm", 0.75)] != cells[("knorm", 0.0)]
+
+
+def test_batched_runner_equals_one_by_one(llama, tok, tmp_path):
+    """Samples answered in left-padded batches give the rows of one-by-one runs; cells a batch
+    cannot hold (adaptive budget, query-aware method, perplexity) fall back to one by one."""
+    from kvtrim.bench.sample import Sample
+
+    config = small_config(
+        tasks=["recall", "perplexity"],
+        methods=["knorm", "snapkv", "snapkv-query-aware"],
+        budgets=["uniform", "adaptive"],
+        samples=3,
+    )
+    samples = {
+        "recall": [
+            Sample(
+                "recall", sample_text(n, seed=n), "Which word?", " Answer:", ["river"], "string_match_all", 6
+            )
+            for n in (300, 120, 210)  # different lengths: the batch of the first two is padded
+        ],
+        "perplexity": build_samples(small_config(tasks=["perplexity"]), tok)["perplexity"],
+    }
+    single = run_bench(llama, tok, config, tmp_path / "single", progress=False, samples=samples)
+    for share in (True, False):
+        batched = run_bench(
+            llama,
+            tok,
+            config,
+            tmp_path / f"batched-{share}",
+            progress=False,
+            samples=samples,
+            batch_size=2,
+            share=share,
+        )
+        assert len(batched.rows) == len(single.rows)
+        by_key = {row_key(r): r for r in single.rows}
+        in_batches = [r for r in batched.rows if r.get("batch_size")]
+        # the batch of two recall samples, uniform cells: none, knorm and snapkv
+        assert sorted((r["index"], r["method"]) for r in in_batches) == [
+            (i, m) for i in (0, 1) for m in ("knorm", "none", "snapkv")
+        ]
+        assert {r["budget"] for r in in_batches} == {"uniform"}
+        for row in batched.rows:
+            expected = by_key[row_key(row)]
+            for name in COMPARED:
+                assert row.get(name) == expected.get(name), (row_key(row), name)

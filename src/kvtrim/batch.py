@@ -48,40 +48,50 @@ class BatchSession:
     stats: CompressionStats
     prefill_s: float
     answers: list[list[Answer]] = field(default_factory=list)
+    #: the budget policy's name (``uniform`` or ``tokens``)
+    budget: str = "uniform"
 
     def __len__(self) -> int:
         return len(self.context_lengths)
 
     def ask(
-        self, questions: Sequence[str], max_new_tokens: int = 64, answer_prefix: str | Sequence[str] = ""
+        self,
+        questions: Sequence[str],
+        max_new_tokens: int | Sequence[int] = 64,
+        answer_prefix: str | Sequence[str] = "",
     ) -> list[str]:
-        """Answer ``questions[b]`` from context b (greedy decoding, all in one batch)."""
+        """Answer ``questions[b]`` from context b (greedy decoding, all in one batch).
+
+        ``max_new_tokens`` and ``answer_prefix`` are one value for all or one per context.
+        """
         return [a.text for a in self.answer(questions, max_new_tokens, answer_prefix)]
 
     @torch.inference_mode()
     def answer(
-        self, questions: Sequence[str], max_new_tokens: int = 64, answer_prefix: str | Sequence[str] = ""
+        self,
+        questions: Sequence[str],
+        max_new_tokens: int | Sequence[int] = 64,
+        answer_prefix: str | Sequence[str] = "",
     ) -> list[Answer]:
         """Like :meth:`ask`, with token ids and timing (the batch's wall time, for every answer)."""
         if isinstance(questions, str) or len(questions) != len(self):
             raise KVTrimError(f"Give one question per context: {len(self)} questions.")
-        prefixes = [answer_prefix] * len(self) if isinstance(answer_prefix, str) else list(answer_prefix)
-        if len(prefixes) != len(self):
-            raise KVTrimError(f"Give one answer prefix per context ({len(self)}), or a single string.")
+        prefixes = _per_row(answer_prefix, len(self), "answer prefix")
+        limits = _per_row(max_new_tokens, len(self), "max_new_tokens")
         if any(not q.strip() for q in questions):
             raise KVTrimError("A question is empty.")
-        if max_new_tokens < 1:
-            raise KVTrimError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if min(limits) < 1:
+            raise KVTrimError(f"max_new_tokens must be >= 1, got {min(limits)}")
         prompts = [
             encode(self.tokenizer, layout.question_text(q) + prefix)
             for layout, q, prefix in zip(self.layouts, questions, prefixes, strict=True)
         ]
-        limit = max_context(self.model)
-        for length, prompt in zip(self.context_lengths, prompts, strict=True):
-            if length + len(prompt) + max_new_tokens > limit:
+        window = max_context(self.model)
+        for length, prompt, new in zip(self.context_lengths, prompts, limits, strict=True):
+            if length + len(prompt) + new > window:
                 raise KVTrimError(
-                    f"Context ({length}) + question ({len(prompt)}) + max_new_tokens ({max_new_tokens}) "
-                    f"tokens exceed the model's window of {limit} tokens."
+                    f"Context ({length}) + question ({len(prompt)}) + max_new_tokens ({new}) "
+                    f"tokens exceed the model's window of {window} tokens."
                 )
         start = time.perf_counter()
         snapshot = CacheSnapshot.take(self.cache)
@@ -92,7 +102,7 @@ class BatchSession:
                 prompts,
                 self.padding,
                 self.context_lengths,
-                max_new_tokens,
+                limits,
                 stop_ids=stop_token_ids(self.model, self.tokenizer),
                 pad_id=_pad_id(self.tokenizer),
             )
@@ -105,6 +115,27 @@ class BatchSession:
         ]
         self.answers.append(results)
         return results
+
+    def element_stats(self, b: int) -> CompressionStats:
+        """Context b's own figures, as if compressed alone: its pairs only, no padding slots."""
+        stats = CompressionStats(compress_s=self.stats.compress_s / len(self))
+        for layer in self.cache.layers:
+            keys = layer.keys  # (B, Hkv, K, D)
+            heads, pair_bytes = keys.shape[1], 2 * keys.shape[-1] * keys.element_size()
+            seq, keep = self.context_lengths[b], keys.shape[2] - self.padding[b]
+            stats.add_layer(seq * heads * pair_bytes, keep * heads * pair_bytes, seq, keep, heads)
+            stats.layers_compressed += 1
+        return stats
+
+
+def _per_row(value: Any, rows: int, what: str) -> list:
+    """One value per batch row, from a single value or a sequence of ``rows`` values."""
+    if isinstance(value, (str, int)):
+        return [value] * rows
+    values = list(value)
+    if len(values) != rows:
+        raise KVTrimError(f"Give one {what} per context ({rows}), or a single value.")
+    return values
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -135,15 +166,15 @@ def batch_greedy_decode(
     prompts: Sequence[Sequence[int]],
     cache_padding: Sequence[int],
     start_positions: Sequence[int],
-    max_new_tokens: int,
+    max_new_tokens: Sequence[int],
     stop_ids: set[int],
     pad_id: int,
 ) -> list[list[int]]:
     """Feed each row's prompt after its cached context and decode greedily, all rows at once.
 
     The 2-D attention mask covers [cache slots | prompt slots | decoded tokens]; it hides the
-    cache's padding slots and the prompts' own left padding. A row that met a stop token keeps
-    running (rows are independent) but its further tokens are dropped.
+    cache's padding slots and the prompts' own left padding. A row that met a stop token or its
+    own ``max_new_tokens`` keeps running (rows are independent) but its further tokens are dropped.
     """
     device = next(model.parameters()).device
     prompt_padding, ids, prompt_mask = _left_pad(prompts, pad_id)  # (B, W)
@@ -154,7 +185,7 @@ def batch_greedy_decode(
     ids = ids.to(device)
     generated: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
-    for _ in range(max_new_tokens):
+    for _ in range(max(max_new_tokens)):
         logits = model(
             input_ids=ids,
             attention_mask=mask,
@@ -171,6 +202,7 @@ def batch_greedy_decode(
                 done[row] = True
             else:
                 generated[row].append(token)
+                done[row] = len(generated[row]) >= max_new_tokens[row]
         if all(done):
             break
         ids = tokens[:, None]  # (B, 1)
@@ -186,7 +218,34 @@ def _cache_length(cache: Any) -> int:
     return lengths.pop()
 
 
-def _check_batchable(model: nn.Module, policy: Budget) -> None:
+def prefill_padded(
+    model: nn.Module, tokenizer: Any, compressor: Compressor, rows: Sequence[Sequence[int]]
+) -> tuple[Any, list[int], float]:
+    """Prefill token ``rows`` as one left-padded batch with ``compressor`` attached.
+
+    Returns the cache, each row's left padding before compression, and the wall time (s).
+    """
+    from transformers import DynamicCache
+
+    padding, ids, mask = _left_pad(rows, _pad_id(tokenizer))  # (B, W)
+    compressor.padding = padding
+    device = next(model.parameters()).device
+    cache = DynamicCache(config=text_config(model))
+    start = time.perf_counter()
+    with compressor.attached():
+        model(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=_padded_positions(padding, ids.shape[1], [0] * len(rows)).to(device),
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+    return cache, padding, time.perf_counter() - start
+
+
+def check_batchable(model: nn.Module, policy: Budget) -> None:
+    """Refuse what one dense left-padded cache per layer cannot hold (see the module doc)."""
     if not isinstance(policy, (UniformBudget, TokenBudget)):
         raise KVTrimError(
             f"Batches work with the uniform and tokens budgets, not {policy.name!r}; "
@@ -214,37 +273,19 @@ def compress_batch(
     **options: Any,
 ) -> BatchSession:
     """Prefill ``contexts`` as one left-padded batch, compressing each as if alone (see module doc)."""
-    from transformers import DynamicCache
-
     if not contexts:
         raise KVTrimError("Give at least one context.")
     policy = budget or UniformBudget()
-    _check_batchable(model, policy)
+    check_batchable(model, policy)
     scorer = make_scorer(method, **options)
     if scorer.query_aware:
         raise KVTrimError(
             f"Method {scorer.name!r} needs a question per context; batches do not take one yet."
         )
     encoded = [encode_context(model, tokenizer, c, use_chat_template) for c in contexts]
-    layouts = [layout for layout, _ in encoded]
-    padding, ids, mask = _left_pad([ids for _, ids in encoded], _pad_id(tokenizer))
-    lengths = [len(ids) for _, ids in encoded]
     compressor = Compressor(model, scorer, ratio, seed=seed, budget=policy)
-    compressor.padding = padding
     scorer.setup(model, tokenizer)
-    device = next(model.parameters()).device
-    cache = DynamicCache(config=text_config(model))
-    start = time.perf_counter()
-    with compressor.attached():
-        model(
-            input_ids=ids.to(device),  # (B, W)
-            attention_mask=mask.to(device),
-            position_ids=_padded_positions(padding, ids.shape[1], [0] * len(contexts)).to(device),
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-    total = time.perf_counter() - start
+    cache, padding, total = prefill_padded(model, tokenizer, compressor, [ids for _, ids in encoded])
     after = {tuple(p) for p in compressor.padding_after}
     if len(after) > 1:
         raise KVTrimError("Layers kept different numbers of pairs; batches need the same in every layer.")
@@ -252,11 +293,12 @@ def compress_batch(
         model=model,
         tokenizer=tokenizer,
         cache=cache,
-        layouts=layouts,
-        context_lengths=lengths,
+        layouts=[layout for layout, _ in encoded],
+        context_lengths=[len(ids) for _, ids in encoded],
         padding=list(after.pop()) if after else padding,
         method=scorer.name,
         ratio=compressor.ratio,
         stats=compressor.stats,
         prefill_s=total - compressor.stats.compress_s,
+        budget=policy.name,
     )

@@ -188,6 +188,12 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="prefill every cell separately (same results, slower; for checking)",
     )
+    bench.add_argument(
+        "--batch-size",
+        type=_positive,
+        default=1,
+        help="answer up to N samples of a task in one left-padded batch (uniform/tokens budgets; default 1)",
+    )
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
     bench.add_argument("--haystack", default=None, help="prose file replacing the bundled essays")
     bench.add_argument("--squad", default=None, help="SQuAD v2.0 dev file (dev-v2.0.json) for qa_1")
@@ -542,7 +548,14 @@ def _bench(args: argparse.Namespace) -> int:
         f"{n} samples x {len(config.cells())} cells -> {args.out}/results.jsonl", file=sys.stderr, flush=True
     )
     summary = run_bench(
-        model, tokenizer, config, args.out, share=not args.no_share, progress=not args.quiet, samples=samples
+        model,
+        tokenizer,
+        config,
+        args.out,
+        share=not args.no_share,
+        progress=not args.quiet,
+        samples=samples,
+        batch_size=args.batch_size,
     )
     print(summary_markdown(summary.rows, f"kvtrim bench — {Path(args.out).name}"))
     print(

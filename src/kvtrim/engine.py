@@ -289,6 +289,16 @@ class Compressor:
             self._remember_positions(idx, keys, key_positions, kept.indices)
         self._account(kept.layer, bytes_before, seq, kept.per_head)
 
+    def _element_view(
+        self, attn: nn.Module, idx: int, layer: Any, kwargs: dict, projected: Any, b: int, pad: int
+    ) -> LayerView:
+        """Element b of a left-padded batch as if alone: its own pairs, queries and positions."""
+        keys = layer.keys[b : b + 1, :, pad:]  # (1, Hkv, T_b, D)
+        values = layer.values[b : b + 1, :, pad:]
+        positions = torch.arange(keys.shape[-2], device=keys.device)  # (T_b,)
+        own = None if projected is None else projected[b : b + 1, pad:]  # (1, T_b, H·D)
+        return self._view(attn, idx, keys, values, kwargs, own, positions, query_positions=positions)
+
     def _compress_padded(self, attn: nn.Module, idx: int, layer: Any, kwargs: dict, projected: Any) -> None:
         """A left-padded batch: score and select each element on its own pairs, re-pad on the left.
 
@@ -304,20 +314,8 @@ class Compressor:
         kept: list[torch.Tensor] = []  # B × (Hkv, K_b) indices into the padded layout
         for b, pad in enumerate(self.padding):
             n_tokens = seq - pad
-            own_keys, own_values = keys[b : b + 1, :, pad:], values[b : b + 1, :, pad:]  # (1, Hkv, T_b, D)
             if self.scorer.evicts and self.budget.evicts(n_tokens, self.ratio):
-                positions = torch.arange(n_tokens, device=keys.device)
-                own_projected = None if projected is None else projected[b : b + 1, pad:]  # (1, T_b, H·D)
-                view = self._view(
-                    attn,
-                    idx,
-                    own_keys,
-                    own_values,
-                    kwargs,
-                    own_projected,
-                    positions,
-                    query_positions=positions,
-                )
+                view = self._element_view(attn, idx, layer, kwargs, projected, b, pad)
                 chosen = self.budget.select(self.scorer.score(view), idx, len(self._attentions), self.ratio)
                 if chosen.dtype == torch.bool:
                     raise KVTrimError("Batches work with budgets that keep as many pairs in every head.")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +24,7 @@ from kvtrim.budgets import Budget, UniformBudget, check_ratio, make_budget
 from kvtrim.cache import layer_bytes, layer_heads, layer_tokens, logical_bytes
 from kvtrim.engine import CompressionStats, Compressor, keep_selected
 from kvtrim.errors import KVTrimError
-from kvtrim.methods import Scorer, make_scorer
+from kvtrim.methods import LayerView, Scorer, make_scorer
 from kvtrim.models import text_config
 from kvtrim.prompting import PromptLayout
 from kvtrim.session import Session, encode_context
@@ -59,8 +59,41 @@ class _ScoreRecorder(Compressor):
         self, attn: nn.Module, idx: int, layer: Any, kwargs: dict, projected: Any, cache: Any
     ) -> None:
         seq = layer_tokens(layer)
+
+        def make_view() -> LayerView:
+            positions = self._key_positions(idx, layer.keys, kwargs)
+            return self._view(attn, idx, layer.keys, layer.values, kwargs, projected, positions)
+
+        for cell, chosen in self._choices(idx, seq, make_view).items():
+            self.kept[cell].append(chosen)
+        self.stats.layers_compressed += 1
+        self._account(layer, layer_bytes(layer), seq, seq)
+
+    def _compress_padded(self, attn: nn.Module, idx: int, layer: Any, kwargs: dict, projected: Any) -> None:
+        """A left-padded batch: each element's choices, made on its own pairs only.
+
+        Records, per cell and layer, a list with one (1, Hkv, K_b) choice (or None) per element.
+        """
+        assert self.padding is not None
+        seq = layer_tokens(layer)
+        per_element = [
+            self._choices(
+                idx,
+                seq - pad,
+                lambda b=b, pad=pad: self._element_view(attn, idx, layer, kwargs, projected, b, pad),
+            )
+            for b, pad in enumerate(self.padding)
+        ]
+        for cell in self.kept:
+            self.kept[cell].append([choices[cell] for choices in per_element])
+        self.stats.layers_compressed += 1
+
+    def _choices(self, idx: int, seq: int, make_view: Callable[[], LayerView]) -> dict[Cell, Any]:
+        """Every cell's choice for one layer of ``seq`` pairs: what budget.select returns, or None
+        when the cell keeps everything. Each scorer runs once, on a view built at most once."""
         n_layers = len(self._attentions)
         view = None
+        choices: dict[Cell, Any] = {}
         for name, scorer in self.scorers.items():
             evicting = {
                 (r, b): scorer.evicts and budget.evicts(seq, r)
@@ -71,8 +104,7 @@ class _ScoreRecorder(Compressor):
             if any(evicting.values()):
                 start = time.perf_counter()
                 if view is None:
-                    positions = self._key_positions(idx, layer.keys, kwargs)
-                    view = self._view(attn, idx, layer.keys, layer.values, kwargs, projected, positions)
+                    view = make_view()
                 scores = scorer.score(view)  # (B, Hkv, T)
                 self.score_s[name] += time.perf_counter() - start
             for (ratio, budget_name), evicts in evicting.items():
@@ -81,9 +113,8 @@ class _ScoreRecorder(Compressor):
                     start = time.perf_counter()
                     chosen = self.budgets[budget_name].select(scores, idx, n_layers, ratio)
                     self.select_s[(name, ratio, budget_name)] += time.perf_counter() - start
-                self.kept[(name, ratio, budget_name)].append(chosen)
-        self.stats.layers_compressed += 1
-        self._account(layer, layer_bytes(layer), seq, seq)
+                choices[(name, ratio, budget_name)] = chosen
+        return choices
 
 
 def _is_sliding(layer: Any) -> bool:
@@ -158,6 +189,24 @@ def _budget_map(budgets: Iterable[str | Budget] | Mapping[str, Budget]) -> dict[
     return out
 
 
+def _scorer_map(methods: Iterable[str | Scorer] | Mapping[str, Scorer]) -> dict[str, Scorer]:
+    """Scorers keyed by name; query-aware ones are refused (they need the question)."""
+    if isinstance(methods, Mapping):
+        scorers = dict(methods)
+    else:
+        scorers = {}
+        for method in methods:
+            scorer = make_scorer(method)
+            scorers[method if isinstance(method, str) else scorer.name] = scorer
+    for name, scorer in scorers.items():
+        if scorer.query_aware:
+            raise KVTrimError(
+                f"Method {name!r} needs the question while compressing; it cannot share a "
+                "question-agnostic prefill (use kvtrim.compress(..., question=...))."
+            )
+    return scorers
+
+
 @torch.inference_mode()
 def prefill_once(
     model: nn.Module,
@@ -179,19 +228,7 @@ def prefill_once(
     from transformers import DynamicCache
 
     layout, ids = encode_context(model, tokenizer, context, use_chat_template)
-    if isinstance(methods, Mapping):
-        scorers = dict(methods)
-    else:
-        scorers = {}
-        for method in methods:
-            scorer = make_scorer(method)
-            scorers[method if isinstance(method, str) else scorer.name] = scorer
-    for name, scorer in scorers.items():
-        if scorer.query_aware:
-            raise KVTrimError(
-                f"Method {name!r} needs the question while compressing; it cannot share a "
-                "question-agnostic prefill (use kvtrim.compress(..., question=...))."
-            )
+    scorers = _scorer_map(methods)
     ratio_list = [check_ratio(r) for r in ratios]
     policies = _budget_map(budgets)
     if any(not isinstance(p, UniformBudget) for p in policies.values()):

@@ -28,7 +28,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -422,6 +422,95 @@ class CellEvaluator:
             )
             yield self._row(task, index, sample, session, chat, False, 1, 0.0, start)
 
+    def _answer_args(self, sample: Sample, chat: bool) -> tuple[str, int]:
+        """The answer prefix and the new-token budget a sample is answered with."""
+        prefix = sample.answer_prefix if self.config.answer_prefix else ""
+        if chat:
+            prefix = prefix.lstrip()  # the assistant turn starts fresh after its tag
+        budget = sample.max_new_tokens
+        if self.config.max_new_tokens is not None:
+            budget = min(budget, self.config.max_new_tokens)
+        return prefix, budget
+
+    def batchable(self, task: str, cell: Cell) -> bool:
+        """Whether a cell can run in a left-padded batch (see :mod:`kvtrim.batch`)."""
+        from kvtrim.batch import check_batchable
+        from kvtrim.budgets import make_budget
+
+        if task == "perplexity" or self.scorers[cell[0]].query_aware:
+            return False
+        try:
+            check_batchable(self.model, make_budget(cell[2]))
+        except KVTrimError:
+            return False
+        return True
+
+    def run_batch(
+        self, task: str, items: Sequence[tuple[int, Sample]], cells: Sequence[Cell]
+    ) -> Iterator[dict]:
+        """Rows of several samples of one task at once: the batchable cells in one left-padded
+        batch (one shared prefill for all of them), the others sample by sample."""
+        import kvtrim
+        from kvtrim.shared_batch import prefill_batch_once
+
+        batched = [c for c in cells if self.batchable(task, c)] if len(items) > 1 else []
+        rest = [c for c in cells if c not in batched]
+        if batched:
+            chat = uses_chat_template(self.tokenizer, self.config, task)
+            samples = [sample for _, sample in items]
+            contexts = [sample.context for sample in samples]
+            args = [self._answer_args(sample, chat) for sample in samples]
+            shared = self.share
+            setup_s = 0.0
+            if shared:
+                start = time.perf_counter()
+                methods = list(dict.fromkeys(m for m, _, _ in batched))
+                prefill = prefill_batch_once(
+                    self.model,
+                    self.tokenizer,
+                    contexts,
+                    {m: self.scorers[m] for m in methods},
+                    list(dict.fromkeys(r for _, r, _ in batched)),
+                    budgets=list(dict.fromkeys(b for _, _, b in batched)),
+                    use_chat_template=chat,
+                    seed=self.config.seed,
+                )
+                setup_s = time.perf_counter() - start
+            for method, ratio, budget in batched:
+                start = time.perf_counter()
+                if shared:
+                    session = prefill.session(method, ratio, budget)
+                else:
+                    session = kvtrim.compress(
+                        self.model,
+                        self.tokenizer,
+                        contexts,
+                        method=self.scorers[method],
+                        ratio=ratio,
+                        budget=budget,
+                        use_chat_template=chat,
+                        seed=self.config.seed,
+                    )
+                answers = session.answer(
+                    [sample.question for sample in samples],
+                    max_new_tokens=[budget for _, budget in args],
+                    answer_prefix=[prefix for prefix, _ in args],
+                )
+                for b, (index, sample) in enumerate(items):
+                    element = _BatchElement(session, b, answers[b])
+                    cells_per_prefill = len(batched) if shared else 1
+                    row = self._row(
+                        task, index, sample, element, chat, shared, cells_per_prefill, setup_s, start
+                    )
+                    row["batch_size"] = len(items)
+                    yield row
+                    setup_s = 0.0  # the shared prefill's wall time is charged to its first row
+            if shared:
+                del prefill
+        if rest:
+            for index, sample in items:
+                yield from self.run(task, index, sample, rest)
+
     def _row(
         self,
         task: str,
@@ -465,12 +554,7 @@ class CellEvaluator:
                 perplexity=math.exp(nll / n_tokens),
             )
         else:
-            prefix = sample.answer_prefix if self.config.answer_prefix else ""
-            if chat:
-                prefix = prefix.lstrip()  # the assistant turn starts fresh after its tag
-            budget = sample.max_new_tokens
-            if self.config.max_new_tokens is not None:
-                budget = min(budget, self.config.max_new_tokens)
+            prefix, budget = self._answer_args(sample, chat)
             answer = session.answer(sample.question, max_new_tokens=budget, answer_prefix=prefix)
             eval_s = answer.answer_s
             row.update(
@@ -501,6 +585,37 @@ class CellEvaluator:
         return row
 
 
+def _batches(
+    plan: Sequence[tuple[str, int, Sample, list[Cell]]], batch_size: int
+) -> Iterator[tuple[str, list[tuple[int, Sample]], list[Cell]]]:
+    """Group consecutive samples of the same task with the same pending cells, up to batch_size."""
+    group: list[tuple[int, Sample]] = []
+    key: tuple[str, list[Cell]] | None = None
+    for task, index, sample, pending in plan:
+        if key is not None and (key != (task, pending) or len(group) == batch_size):
+            yield key[0], group, key[1]
+            group = []
+        key = (task, pending)
+        group.append((index, sample))
+    if key is not None and group:
+        yield key[0], group, key[1]
+
+
+class _BatchElement:
+    """One context of a :class:`~kvtrim.batch.BatchSession` seen as a session: its own figures,
+    its share of the batch's prefill time, and the answer the batch already gave it."""
+
+    def __init__(self, batch: Any, b: int, answer: Any):
+        self.method, self.ratio, self.budget = batch.method, batch.ratio, batch.budget
+        self.context_length = batch.context_lengths[b]
+        self.stats = batch.element_stats(b)
+        self.prefill_s = batch.prefill_s / len(batch)
+        self._answer = replace(answer, answer_s=answer.answer_s / len(batch))
+
+    def answer(self, question: str, max_new_tokens: int, answer_prefix: str) -> Any:
+        return self._answer
+
+
 def _window(model: Any) -> int:
     from kvtrim.models import max_context
 
@@ -526,12 +641,17 @@ def run_bench(
     progress: bool = True,
     samples: Mapping[str, Sequence[Sample]] | None = None,
     on_row: Callable[[dict[str, Any]], None] | None = None,
+    batch_size: int = 1,
 ) -> RunSummary:
     """Run (or resume) the benchmark into ``out_dir``; see the module docstring.
 
     ``share=False`` gives every cell its own prefill (same rows, slower: the reference the shared
     path is checked against). ``samples`` replaces the generated ones (tests, custom data).
+    ``batch_size=N`` answers up to N samples of a task together in one left-padded batch (same
+    rows up to float rounding; cells a batch cannot hold run sample by sample).
     """
+    if batch_size < 1:
+        raise KVTrimError(f"batch_size must be >= 1, got {batch_size}")
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
@@ -558,9 +678,11 @@ def run_bench(
     total = sum(len(p[3]) for p in plan)
     bar = tqdm(total=total, desc="kvtrim bench", unit="cell", file=sys.stderr, disable=not progress)
     try:
-        for task, index, sample, pending in plan:
-            bar.set_postfix_str(f"{task} #{index}", refresh=False)
-            for row in evaluator.run(task, index, sample, pending):
+        for task, items, pending in _batches(plan, batch_size):
+            first = items[0][0]
+            label = f"{task} #{first}" if len(items) == 1 else f"{task} #{first}-{items[-1][0]}"
+            bar.set_postfix_str(label, refresh=False)
+            for row in evaluator.run_batch(task, items, pending):
                 writer.write(row)
                 existing.append(row)
                 written += 1
