@@ -33,6 +33,7 @@ from kvtrim.cache import (
     layer_tokens,
     logical_bytes,
 )
+from kvtrim.errors import KVTrimError
 from kvtrim.methods import LayerView, Scorer, make_scorer
 from kvtrim.models import (
     attention_modules,
@@ -161,7 +162,29 @@ class Compressor:
             self._account(layer, bytes_before, seq, seq)
             return
         view = self._view(attn, idx, keys, values, kwargs, projected, key_positions)
-        chosen = self.budget.select(self.scorer.score(view), idx, len(self._attentions), self.ratio)
+        self.evict(cache, idx, self.scorer.score(view), key_positions, bytes_before)
+
+    def evict(
+        self,
+        cache: Any,
+        idx: int,
+        scores: torch.Tensor,
+        key_positions: torch.Tensor | None = None,
+        bytes_before: int | None = None,
+    ) -> None:
+        """Keep the budget's choice among layer ``idx``'s pairs given their ``scores`` (B, Hkv, T).
+
+        Split from scoring so that methods scoring outside the prefill's hooks (KVzip scores with
+        extra forwards over the whole cache) evict through the same budget and accounting.
+        """
+        layer = cache.layers[idx]
+        keys, values = layer.keys, layer.values  # (B, Hkv, T, D)
+        seq = keys.shape[-2]
+        if bytes_before is None:
+            bytes_before = layer_bytes(layer)
+        if key_positions is None:
+            key_positions = torch.arange(seq, device=keys.device)  # (T,)
+        chosen = self.budget.select(scores, idx, len(self._attentions), self.ratio)
         if chosen.dtype == torch.bool:  # (B, Hkv, T) keep mask
             counts = chosen.sum(dim=-1)  # (B, Hkv)
             if bool((counts == counts.flatten()[0]).all()):
@@ -289,6 +312,11 @@ def compressing(
     Hooks are removed when the block exits, even on an exception.
     """
     scorer = make_scorer(method, **options)
+    if scorer.needs_reconstruction:
+        raise KVTrimError(
+            f"Method {scorer.name!r} scores a context with extra forwards after its prefill, which "
+            "generate() does not allow; use kvtrim.compress(model, tokenizer, context, ...) instead."
+        )
     compressor = Compressor(model, scorer, ratio, seed=seed, budget=budget)
     scorer.setup(model, tokenizer)
     with compressor.attached() as attached:

@@ -21,6 +21,7 @@ from kvtrim.errors import KVTrimError
 from kvtrim.methods import Scorer, make_scorer
 from kvtrim.models import max_context, text_config
 from kvtrim.prompting import PromptLayout, encode, layout_for
+from kvtrim.reconstruction import evict_by_reconstruction
 
 
 @dataclass
@@ -123,6 +124,16 @@ def _chunked_budget(scorer: Scorer, policy: Budget, n_tokens: int, ratio: float,
     raise KVTrimError("Chunked prefill works with the uniform and tokens budgets.")
 
 
+def _reconstruction_prefiller(compressor: Compressor, chunk_size: int | None) -> Compressor:
+    """The prefill of a reconstruction scorer keeps every pair (sliding layers are still compacted)."""
+    if chunk_size is not None:
+        raise KVTrimError(
+            f"Method {compressor.scorer.name!r} scores the whole prefilled context at once; "
+            "it does not support chunked prefill (drop chunk_size / --chunk)."
+        )
+    return Compressor(compressor.model, make_scorer("none"), compressor.ratio, seed=compressor.seed)
+
+
 def _final_stats(cache: Any, n_tokens: int, compress_s: float) -> CompressionStats:
     """Figures of a chunked compression: 'before' is the uncompressed cache of all n_tokens."""
     stats = CompressionStats(compress_s=compress_s)
@@ -215,12 +226,16 @@ def compress(
         policy = _chunked_budget(scorer, policy, len(ids), check_ratio(ratio), chunk_size)
     compressor = Compressor(model, scorer, ratio, seed=seed, budget=policy)
     compressor.every_forward = chunk_size is not None
+    # A reconstruction scorer (KVzip) needs the whole uncompressed cache: prefill without evicting.
+    prefiller = (
+        _reconstruction_prefiller(compressor, chunk_size) if scorer.needs_reconstruction else compressor
+    )
     scorer.setup(model, tokenizer)
     device = next(model.parameters()).device
     cache = DynamicCache(config=text_config(model))
     step = chunk_size or len(ids)
     start = time.perf_counter()
-    with compressor.attached():
+    with prefiller.attached():
         for begin in range(0, len(ids), step):
             end = min(begin + step, len(ids))
             model(
@@ -230,6 +245,8 @@ def compress(
                 use_cache=True,
                 logits_to_keep=1,
             )
+    if prefiller is not compressor:
+        evict_by_reconstruction(model, tokenizer, cache, compressor, layout, context, len(ids))
     if chunk_size is not None:
         peak = compressor.stats.kv_bytes_peak
         compressor.stats = _final_stats(cache, len(ids), compressor.stats.compress_s)

@@ -145,6 +145,12 @@ def prefill_once(
             scorer = make_scorer(method)
             scorers[method if isinstance(method, str) else scorer.name] = scorer
     ratio_list = [check_ratio(r) for r in ratios]
+    for name, scorer in scorers.items():
+        if scorer.needs_reconstruction:
+            raise KVTrimError(
+                f"Method {name!r} scores with extra forwards after the prefill and cannot share it; "
+                "compress with kvtrim.compress instead."
+            )
     for scorer in scorers.values():
         scorer.setup(model, tokenizer)
     recorder = _ScoreRecorder(model, scorers, ratio_list, seed)

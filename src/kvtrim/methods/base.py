@@ -89,6 +89,10 @@ class Scorer:
     evicts: ClassVar[bool] = True
     #: True when the scorer accepts per-head key positions (B, Hkv, T), as chunked prefill gives
     chunkable: ClassVar[bool] = False
+    #: True when the scorer needs extra forwards over the whole, uncompressed prefilled cache
+    #: (KVzip's context reconstruction): the context is then prefilled without eviction and
+    #: :mod:`kvtrim.reconstruction` scores and evicts afterwards (see ``reconstruction_inputs``)
+    needs_reconstruction: ClassVar[bool] = False
 
     def setup(self, model: torch.nn.Module, tokenizer: Any) -> None:
         """Prepare model-specific data once (e.g. calibration); default: nothing."""
