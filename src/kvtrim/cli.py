@@ -269,6 +269,13 @@ def _add_budget_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="prefill N tokens at a time, compressing after each chunk (bounded memory)",
     )
+    parser.add_argument(
+        "--key-channels",
+        type=float,
+        default=0.0,
+        metavar="R",
+        help="also prune this fraction of every layer's key channels (ThinK), e.g. 0.5",
+    )
 
 
 def _budget_kwargs(args: argparse.Namespace) -> dict:
@@ -286,7 +293,14 @@ def _budget_kwargs(args: argparse.Namespace) -> dict:
         raise KVTrimError(
             f"--budget {budget} needs --{'budget-tokens' if budget == 'tokens' else 'threshold'}."
         )
-    return {"budget": budget or "uniform", "budget_options": options, "chunk_size": args.chunk}
+    from kvtrim.channels import check_channel_ratio
+
+    return {
+        "budget": budget or "uniform",
+        "budget_options": options,
+        "chunk_size": args.chunk,
+        "key_channels": check_channel_ratio(args.key_channels),
+    }
 
 
 def _methods() -> int:
@@ -300,6 +314,8 @@ def _methods() -> int:
     print("\nBudgets (--budget): how many pairs each layer and head keeps")
     for name, cls in BUDGETS.items():
         print(f"  {name:<{width}}  {cls.summary}  [{cls.paper}]")
+    print("\nKey channels (--key-channels R): prune that fraction of each layer's key channels too")
+    print("  ThinK: keep the channels with the largest query·key magnitude  [arXiv 2407.21018]")
     return 0
 
 
@@ -341,6 +357,7 @@ def _ask(args: argparse.Namespace) -> int:
                     "ratio": session.ratio,
                     "budget": budget["budget"],
                     "chunk_size": budget["chunk_size"],
+                    "key_channels": budget["key_channels"],
                     "context_tokens": session.context_length,
                     "answers": [{"question": a.question, "answer": a.text} for a in answers],
                     "kv_tokens_before": stats.kv_tokens_before,

@@ -33,6 +33,7 @@ from kvtrim.cache import (
     layer_tokens,
     logical_bytes,
 )
+from kvtrim.channels import ChannelPrunedLayer, check_channel_ratio, kept_channels
 from kvtrim.errors import KVTrimError
 from kvtrim.methods import LayerView, Scorer, make_scorer
 from kvtrim.models import (
@@ -76,15 +77,28 @@ class Compressor:
     """Attaches to a model and compresses the cache of every prefill it sees while attached."""
 
     def __init__(
-        self, model: nn.Module, scorer: Scorer, ratio: float, seed: int = 0, budget: str | Budget = "uniform"
+        self,
+        model: nn.Module,
+        scorer: Scorer,
+        ratio: float,
+        seed: int = 0,
+        budget: str | Budget = "uniform",
+        key_channels: float = 0.0,
+        channel_window: int = 32,
     ):
         check_supported(model)
         self.model = model
         self.scorer = scorer
         self.ratio = check_ratio(ratio)
         self.budget = make_budget(budget)
-        if not isinstance(self.budget, UniformBudget):
-            # Uneven heads or layers need kvtrim's attention function (sdpa for ordinary caches).
+        #: ThinK: fraction of key channels pruned per layer and kv-head after token eviction
+        self.key_channels = check_channel_ratio(key_channels)
+        if channel_window < 1:
+            raise KVTrimError(f"channel_window must be a positive number of queries, got {channel_window}.")
+        self.channel_window = channel_window
+        if not isinstance(self.budget, UniformBudget) or self.key_channels:
+            # Uneven heads or layers, or pruned key channels, need kvtrim's attention function
+            # (sdpa for ordinary caches).
             ragged.enable(model)
         self.seed = seed
         self.stats = CompressionStats()
@@ -145,6 +159,8 @@ class Compressor:
             self.stats.kv_bytes_peak = max(self.stats.kv_bytes_peak, cache_bytes(cache))
             start = time.perf_counter()
             self._compress(module, idx, layer, kwargs, projected, cache)
+            if self.key_channels:
+                self._prune_key_channels(module, idx, kwargs, projected, cache)
             self.stats.compress_s += time.perf_counter() - start
 
         return hook
@@ -197,6 +213,32 @@ class Compressor:
         layer.values = gather_positions(values, chosen)
         self._remember_positions(idx, keys, key_positions, chosen)
         self._account(layer, bytes_before, seq, chosen.shape[-1])
+
+    def _prune_key_channels(
+        self, attn: nn.Module, idx: int, kwargs: dict, projected: Any, cache: Any
+    ) -> None:
+        """ThinK: keep the layer's key channels that matter most to the last context queries
+        (see :mod:`kvtrim.channels`), after token eviction, and count the bytes it frees."""
+        if projected is None:
+            raise RuntimeError("queries were not captured for this layer")
+        layer = cache.layers[idx]
+        before = layer_bytes(layer)
+        window = projected[:, -self.channel_window :]  # (B, W, ≥ H·D)
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:
+            positions = torch.arange(projected.shape[1], device=projected.device)[-window.shape[1] :]
+        else:
+            positions = position_ids[0, -window.shape[1] :].to(projected.device)  # (W,)
+        with torch.inference_mode():
+            queries = queries_from_projection(attn, window)  # (B, H, W, D) pre-RoPE
+            cos, sin = rotary_for(self.model, attn)(positions, like=queries)
+            queries = rope_function(attn)(queries, queries, cos, sin)[0]  # (B, H, W, D) post-RoPE
+        if isinstance(layer, ragged.RaggedLayer):
+            layer.prune_key_channels(kept_channels(queries, layer.key_norms(), self.key_channels))
+        else:
+            channels = kept_channels(queries, layer.keys.float().norm(dim=2), self.key_channels)
+            cache.layers[idx] = ChannelPrunedLayer.prune(layer, channels)
+        self.stats.kv_bytes_after += layer_bytes(cache.layers[idx]) - before
 
     def _key_positions(self, idx: int, keys: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """Absolute positions of the layer's cached pairs: (T,) while every head holds the same
@@ -298,6 +340,7 @@ def compressing(
     tokenizer: Any = None,
     seed: int = 0,
     budget: str | Budget = "uniform",
+    key_channels: float = 0.0,
     **options: Any,
 ) -> Iterator[Compressor]:
     """Compress the prefill of every ``model.generate`` / forward call made inside the block.
@@ -309,7 +352,8 @@ def compressing(
     The whole prompt (question included) is compressed, so the result is question-aware; use
     :func:`kvtrim.compress` to compress a context once and ask it many questions. RoPE positions stay
     true because ``generate`` derives them from the attention mask, not from the cache length.
-    Hooks are removed when the block exits, even on an exception.
+    Hooks are removed when the block exits, even on an exception. ``key_channels`` prunes that
+    fraction of every layer's key channels as well (ThinK, see :func:`kvtrim.compress`).
     """
     scorer = make_scorer(method, **options)
     if scorer.needs_reconstruction:
@@ -317,7 +361,7 @@ def compressing(
             f"Method {scorer.name!r} scores a context with extra forwards after its prefill, which "
             "generate() does not allow; use kvtrim.compress(model, tokenizer, context, ...) instead."
         )
-    compressor = Compressor(model, scorer, ratio, seed=seed, budget=budget)
+    compressor = Compressor(model, scorer, ratio, seed=seed, budget=budget, key_channels=key_channels)
     scorer.setup(model, tokenizer)
     with compressor.attached() as attached:
         yield attached

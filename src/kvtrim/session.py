@@ -201,6 +201,7 @@ def compress(
     budget: str | Budget = "uniform",
     budget_options: dict[str, Any] | None = None,
     chunk_size: int | None = None,
+    key_channels: float = 0.0,
     **options: Any,
 ) -> Session:
     """Prefill ``context`` once, compressing each layer as it goes, and return a :class:`Session`.
@@ -216,6 +217,12 @@ def compress(
     context length. The final budget is ``T − floor(ratio·T)`` (or the token budget). Later
     chunks then attend to the compressed cache of earlier ones: results differ from one-shot
     compression, which sees the whole context before evicting.
+
+    ``key_channels=r`` also prunes the fraction r of every layer's key channels (ThinK, arXiv
+    2407.21018): each kv-head keeps the ``D − floor(r·D)`` channels with the largest
+    ‖Q_window[:, c]‖·‖K[:, c]‖ over the last 32 context queries, and stores its keys as
+    (T, D_kept). It composes with any token-eviction method and budget, not with chunked prefill
+    or reconstruction methods (kvzip).
     """
     from transformers import DynamicCache
 
@@ -224,7 +231,12 @@ def compress(
     policy = make_budget(budget, **(budget_options or {}))
     if chunk_size is not None:
         policy = _chunked_budget(scorer, policy, len(ids), check_ratio(ratio), chunk_size)
-    compressor = Compressor(model, scorer, ratio, seed=seed, budget=policy)
+    if key_channels and (chunk_size is not None or scorer.needs_reconstruction):
+        raise KVTrimError(
+            "key_channels (ThinK) prunes each layer's key channels during a one-shot prefill; it does "
+            f"not combine with chunked prefill or with {scorer.name!r}'s scoring after the prefill."
+        )
+    compressor = Compressor(model, scorer, ratio, seed=seed, budget=policy, key_channels=key_channels)
     compressor.every_forward = chunk_size is not None
     # A reconstruction scorer (KVzip) needs the whole uncompressed cache: prefill without evicting.
     prefiller = (
