@@ -197,25 +197,47 @@ def test_kvzip_is_registered_and_refuses_what_it_cannot_do():
         kvtrim.compress(model, tok, sample_text(80), method="kvzip", ratio=0.5, chunk_size=32)
     with pytest.raises(KVTrimError, match="kvtrim.compress"), kvtrim.compressing(model, "kvzip", 0.5):
         pass
-    with pytest.raises(KVTrimError, match="cannot share"):
-        prefill_once(model, tok, sample_text(80), ["knorm", "kvzip"], [0.5])
     with pytest.raises(KVTrimError, match="chunk_tokens"):
         make_scorer("kvzip", chunk_tokens=0)
 
 
-def test_bench_runner_gives_kvzip_its_own_prefill():
+def test_shared_prefill_gives_the_same_caches_as_compressing_alone():
+    model, tok = make_model("gemma3"), make_tokenizer()
+    context = sample_text(160, seed=7)
+    prefill = prefill_once(
+        model, tok, context, {"knorm": make_scorer("knorm"), "kvzip": KVzip(chunk_tokens=60)}, [0.3, 0.7]
+    )
+    for ratio in (0.3, 0.7):
+        shared = prefill.session("kvzip", ratio)
+        alone = kvtrim.compress(model, tok, context, method="kvzip", ratio=ratio, chunk_tokens=60)
+        for a, b in zip(shared.cache.layers, alone.cache.layers, strict=True):
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+        assert shared.stats.kv_bytes_after == alone.stats.kv_bytes_after
+        assert shared.stats.kv_tokens_after == alone.stats.kv_tokens_after
+        assert shared.ask("Words?", max_new_tokens=5) == alone.ask("Words?", max_new_tokens=5)
+    assert prefill.score_s["kvzip"] > 0
+    assert (
+        prefill.session("knorm", 0.3).cache.layers[1].keys.shape
+        == prefill.session("kvzip", 0.3).cache.layers[1].keys.shape
+    )
+
+
+def test_bench_runner_shares_the_prefill_with_kvzip():
     model, tok = make_model("llama", max_positions=2048), make_tokenizer()
     config = BenchConfig(
         tasks=["passkey"], methods=["knorm", "kvzip"], ratios=[0.5], length=300, samples=1, max_new_tokens=4
     )
     evaluator = CellEvaluator(model, tok, config)
-    assert evaluator.shares("knorm") and not evaluator.shares("kvzip")
+    assert evaluator.shares("kvzip")
     sample = build_samples(config, tok)["passkey"][0]
-    rows = {
-        row["method"]: row for row in evaluator.run("passkey", 0, sample, [("knorm", 0.5), ("kvzip", 0.5)])
-    }
-    assert rows["knorm"]["shared_prefill"] and not rows["kvzip"]["shared_prefill"]
+    cells = [("knorm", 0.5), ("kvzip", 0.5)]
+    rows = {row["method"]: row for row in evaluator.run("passkey", 0, sample, cells)}
+    assert rows["kvzip"]["shared_prefill"]
     chat = uses_chat_template(tok, config, "passkey")
     alone = kvtrim.compress(model, tok, sample.context, method="kvzip", ratio=0.5, use_chat_template=chat)
     assert rows["kvzip"]["kv_bytes_after"] == alone.stats.kv_bytes_after
     assert rows["kvzip"]["kv_tokens_after"] == alone.stats.kv_tokens_after
+    prefix = sample.answer_prefix if config.answer_prefix else ""
+    prefix = prefix.lstrip() if chat else prefix
+    answer = alone.answer(sample.question, max_new_tokens=4, answer_prefix=prefix)
+    assert rows["kvzip"]["prediction"] == answer.text

@@ -25,6 +25,7 @@ from kvtrim.errors import KVTrimError
 from kvtrim.methods import Scorer, make_scorer
 from kvtrim.models import text_config
 from kvtrim.prompting import PromptLayout
+from kvtrim.reconstruction import score_by_reconstruction
 from kvtrim.session import Session, encode_context
 
 
@@ -132,7 +133,8 @@ def prefill_once(
 ) -> SharedPrefill:
     """Prefill ``context`` once, scoring it with every method; see :class:`SharedPrefill`.
 
-    ``methods`` are names (or scorers, keyed by their name) of question-agnostic methods.
+    ``methods`` are names (or scorers, keyed by their name) of question-agnostic methods. Those
+    scoring by reconstruction (KVzip) run their reconstruction once, on the full cache, for all ratios.
     """
     from transformers import DynamicCache
 
@@ -145,15 +147,11 @@ def prefill_once(
             scorer = make_scorer(method)
             scorers[method if isinstance(method, str) else scorer.name] = scorer
     ratio_list = [check_ratio(r) for r in ratios]
-    for name, scorer in scorers.items():
-        if scorer.needs_reconstruction:
-            raise KVTrimError(
-                f"Method {name!r} scores with extra forwards after the prefill and cannot share it; "
-                "compress with kvtrim.compress instead."
-            )
     for scorer in scorers.values():
         scorer.setup(model, tokenizer)
-    recorder = _ScoreRecorder(model, scorers, ratio_list, seed)
+    # Reconstruction scorers (KVzip) score after the prefill, from the full cache it leaves.
+    in_prefill = {name: s for name, s in scorers.items() if not s.needs_reconstruction}
+    recorder = _ScoreRecorder(model, in_prefill, ratio_list, seed)
     device = next(model.parameters()).device
     cache = DynamicCache(config=text_config(model))
     start = time.perf_counter()
@@ -166,6 +164,15 @@ def prefill_once(
             logits_to_keep=1,
         )
     total = time.perf_counter() - start
+    kept, score_s = recorder.kept, recorder.score_s
+    for name, scorer in scorers.items():
+        if scorer.needs_reconstruction:
+            start = time.perf_counter()
+            cells = _reconstruction_cells(
+                model, tokenizer, cache, scorer, layout, context, len(ids), ratio_list, seed
+            )
+            kept.update({(name, ratio): chosen for ratio, chosen in cells.items()})
+            score_s[name] = time.perf_counter() - start
     return SharedPrefill(
         model=model,
         tokenizer=tokenizer,
@@ -173,6 +180,35 @@ def prefill_once(
         context_length=len(ids),
         full_cache=cache,
         prefill_s=total - recorder.stats.compress_s,
-        kept=recorder.kept,
-        score_s=recorder.score_s,
+        kept=kept,
+        score_s=score_s,
     )
+
+
+def _reconstruction_cells(
+    model: nn.Module,
+    tokenizer: Any,
+    cache: Any,
+    scorer: Scorer,
+    layout: PromptLayout,
+    context: str,
+    context_length: int,
+    ratios: list[float],
+    seed: int,
+) -> dict[float, list[torch.Tensor | None]]:
+    """Kept indices of a reconstruction scorer at every ratio, from one reconstruction of the full
+    cache: its scores do not depend on the ratio, and ``compress`` keeps the top ones per layer."""
+    scores, _ = score_by_reconstruction(
+        model, tokenizer, cache, scorer, layout, context, context_length, seed
+    )
+    cells: dict[float, list[torch.Tensor | None]] = {}
+    for ratio in ratios:
+        chosen: list[torch.Tensor | None] = []
+        for idx, layer in enumerate(cache.layers):
+            if _is_sliding(layer):
+                continue
+            seq = layer_tokens(layer)
+            keep = n_keep(seq, ratio) if scorer.evicts else seq
+            chosen.append(top_indices(scores[idx], keep) if keep < seq else None)  # (B, Hkv, keep)
+        cells[ratio] = chosen
+    return cells

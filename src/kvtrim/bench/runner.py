@@ -4,8 +4,8 @@ Why one prefill: kvtrim's methods are question-agnostic and evict only after eac
 ran, so every cell of a sample sees the same prefill; :func:`kvtrim.shared_prefill.prefill_once`
 scores it once per method and each cell gathers its own kept pairs from the full cache, bit-identical
 to compressing that cell alone. A scorer that declares ``query_aware = True`` (it needs to see the
-question while compressing), or that scores with extra forwards after the prefill
-(``needs_reconstruction``, KVzip), falls back to a prefill of its own per cell.
+question while compressing) falls back to a prefill of its own per cell. KVzip, which scores with
+extra forwards after the prefill, runs them once on the shared full cache for all its ratios.
 
 Ratio 0 and method ``none`` are the same cache (nothing evicted), so they form a single cell,
 ``("none", 0.0)``, evaluated once per sample; reports draw it as every method's ratio-0 point.
@@ -323,10 +323,9 @@ class CellEvaluator:
         self.scorers = {name: make_scorer(name) for name in dict.fromkeys(names)}
 
     def shares(self, method: str) -> bool:
-        """Whether ``method`` can take its cache from a shared prefill: question-agnostic scorers
-        that score within the prefill (not KVzip, whose reconstruction forwards come after it)."""
-        scorer = self.scorers[method]
-        return self.share and not (getattr(scorer, "query_aware", False) or scorer.needs_reconstruction)
+        """Whether ``method`` can take its cache from a shared prefill (question-agnostic scorers;
+        KVzip's reconstruction then runs once on the shared full cache, for all ratios)."""
+        return self.share and not getattr(self.scorers[method], "query_aware", False)
 
     def run(
         self, task: str, index: int, sample: Sample, cells: Sequence[tuple[str, float]]
