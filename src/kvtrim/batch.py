@@ -278,9 +278,10 @@ def compress_batch(
     policy = budget or UniformBudget()
     check_batchable(model, policy)
     scorer = make_scorer(method, **options)
-    if scorer.query_aware:
+    if scorer.query_aware or scorer.needs_reconstruction:
         raise KVTrimError(
-            f"Method {scorer.name!r} needs a question per context; batches do not take one yet."
+            f"Method {scorer.name!r} needs its own prefill per context (a question, or a "
+            "reconstruction pass); batches do not support it yet."
         )
     encoded = [encode_context(model, tokenizer, c, use_chat_template) for c in contexts]
     compressor = Compressor(model, scorer, ratio, seed=seed, budget=policy)

@@ -35,7 +35,9 @@ def compact(tensor: torch.Tensor) -> torch.Tensor:
 def layer_bytes(layer: Any) -> int:
     if hasattr(layer, "head_keys"):  # ragged layer: one tensor per head
         return layer.nbytes()
-    return tensor_bytes(getattr(layer, "keys", None)) + tensor_bytes(getattr(layer, "values", None))
+    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+    # a channel-pruned layer (ThinK) also holds the indices of its kept key channels
+    return tensor_bytes(keys) + tensor_bytes(values) + tensor_bytes(getattr(layer, "key_channels", None))
 
 
 def layer_heads(layer: Any) -> int:

@@ -298,6 +298,13 @@ def _add_budget_arguments(parser: argparse.ArgumentParser) -> None:
         default=16,
         help="with --decode-budget: evict every K generated tokens (default 16)",
     )
+    parser.add_argument(
+        "--key-channels",
+        type=float,
+        default=0.0,
+        metavar="R",
+        help="also prune this fraction of every layer's key channels (ThinK), e.g. 0.5",
+    )
 
 
 def _budget_kwargs(args: argparse.Namespace) -> dict:
@@ -315,12 +322,15 @@ def _budget_kwargs(args: argparse.Namespace) -> dict:
         raise KVTrimError(
             f"--budget {budget} needs --{'budget-tokens' if budget == 'tokens' else 'threshold'}."
         )
+    from kvtrim.channels import check_channel_ratio
+
     return {
         "budget": budget or "uniform",
         "budget_options": options,
         "chunk_size": args.chunk,
         "decode_budget": args.decode_budget,
         "evict_every": args.evict_every,
+        "key_channels": check_channel_ratio(args.key_channels),
     }
 
 
@@ -335,6 +345,8 @@ def _methods() -> int:
     print("\nBudgets (--budget): how many pairs each layer and head keeps")
     for name, cls in BUDGETS.items():
         print(f"  {name:<{width}}  {cls.summary}  [{cls.paper}]")
+    print("\nKey channels (--key-channels R): prune that fraction of each layer's key channels too")
+    print("  ThinK: keep the channels with the largest query·key magnitude  [arXiv 2407.21018]")
     return 0
 
 
@@ -395,6 +407,7 @@ def _ask(args: argparse.Namespace) -> int:
                     "decode_budget": budget["decode_budget"],
                     "decode_evictions": stats.decode_evictions,
                     "query_aware": query_aware,
+                    "key_channels": budget["key_channels"],
                     "context_tokens": session.context_length,
                     "answers": [{"question": a.question, "answer": a.text} for a in answers],
                     "kv_tokens_before": stats.kv_tokens_before,

@@ -37,6 +37,7 @@ from kvtrim.cache import (
     left_padded_index,
     logical_bytes,
 )
+from kvtrim.channels import ChannelPrunedLayer, check_channel_ratio, kept_channels
 from kvtrim.errors import KVTrimError
 from kvtrim.methods import LayerView, Scorer, make_scorer
 from kvtrim.models import (
@@ -138,14 +139,22 @@ class Compressor:
         seed: int = 0,
         budget: str | Budget = "uniform",
         decoding: DecodingSchedule | None = None,
+        key_channels: float = 0.0,
+        channel_window: int = 32,
     ):
         check_supported(model)
         self.model = model
         self.scorer = scorer
         self.ratio = check_ratio(ratio)
         self.budget = make_budget(budget)
-        if not isinstance(self.budget, UniformBudget):
-            # Uneven heads or layers need kvtrim's attention function (sdpa for ordinary caches).
+        #: ThinK: fraction of key channels pruned per layer and kv-head after token eviction
+        self.key_channels = check_channel_ratio(key_channels)
+        if channel_window < 1:
+            raise KVTrimError(f"channel_window must be a positive number of queries, got {channel_window}.")
+        self.channel_window = channel_window
+        if not isinstance(self.budget, UniformBudget) or self.key_channels:
+            # Uneven heads or layers, or pruned key channels, need kvtrim's attention function
+            # (sdpa for ordinary caches).
             ragged.enable(model)
         self.seed = seed
         self.stats = CompressionStats()
@@ -235,6 +244,8 @@ class Compressor:
                 self._compress_padded(module, idx, layer, kwargs, projected)
             else:
                 self._compress(module, idx, layer, kwargs, projected, cache)
+            if self.key_channels:
+                self._prune_key_channels(module, idx, kwargs, projected, cache)
             self.stats.compress_s += time.perf_counter() - start
 
         return hook
@@ -282,7 +293,29 @@ class Compressor:
             self._account(layer, bytes_before, seq, seq)
             return
         view = self._view(attn, idx, keys, values, kwargs, projected, key_positions)
-        chosen = self.budget.select(self.scorer.score(view), idx, len(self._attentions), self.ratio)
+        self.evict(cache, idx, self.scorer.score(view), key_positions, bytes_before)
+
+    def evict(
+        self,
+        cache: Any,
+        idx: int,
+        scores: torch.Tensor,
+        key_positions: torch.Tensor | None = None,
+        bytes_before: int | None = None,
+    ) -> None:
+        """Keep the budget's choice among layer ``idx``'s pairs given their ``scores`` (B, Hkv, T).
+
+        Split from scoring so that methods scoring outside the prefill's hooks (KVzip scores with
+        extra forwards over the whole cache) evict through the same budget and accounting.
+        """
+        layer = cache.layers[idx]
+        keys = layer.keys  # (B, Hkv, T, D)
+        seq = keys.shape[-2]
+        if bytes_before is None:
+            bytes_before = layer_bytes(layer)
+        if key_positions is None:
+            key_positions = torch.arange(seq, device=keys.device)  # (T,)
+        chosen = self.budget.select(scores, idx, len(self._attentions), self.ratio)
         kept = keep_selected(layer, chosen)
         cache.layers[idx] = kept.layer
         if kept.indices is not None:
@@ -333,6 +366,32 @@ class Compressor:
         self.stats.kv_tokens_before += (len(self.padding) * seq - sum(self.padding)) * heads
         self.stats.kv_tokens_after += sum(k.shape[-1] for k in kept) * heads
         self.stats.per_layer_kept.append(sum(k.shape[-1] for k in kept) / len(kept))
+
+    def _prune_key_channels(
+        self, attn: nn.Module, idx: int, kwargs: dict, projected: Any, cache: Any
+    ) -> None:
+        """ThinK: keep the layer's key channels that matter most to the last context queries
+        (see :mod:`kvtrim.channels`), after token eviction, and count the bytes it frees."""
+        if projected is None:
+            raise RuntimeError("queries were not captured for this layer")
+        layer = cache.layers[idx]
+        before = layer_bytes(layer)
+        window = projected[:, -self.channel_window :]  # (B, W, ≥ H·D)
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:
+            positions = torch.arange(projected.shape[1], device=projected.device)[-window.shape[1] :]
+        else:
+            positions = position_ids[0, -window.shape[1] :].to(projected.device)  # (W,)
+        with torch.inference_mode():
+            queries = queries_from_projection(attn, window)  # (B, H, W, D) pre-RoPE
+            cos, sin = rotary_for(self.model, attn)(positions, like=queries)
+            queries = rope_function(attn)(queries, queries, cos, sin)[0]  # (B, H, W, D) post-RoPE
+        if isinstance(layer, ragged.RaggedLayer):
+            layer.prune_key_channels(kept_channels(queries, layer.key_norms(), self.key_channels))
+        else:
+            channels = kept_channels(queries, layer.keys.float().norm(dim=2), self.key_channels)
+            cache.layers[idx] = ChannelPrunedLayer.prune(layer, channels)
+        self.stats.kv_bytes_after += layer_bytes(cache.layers[idx]) - before
 
     def _key_positions(self, idx: int, keys: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """Absolute positions of the layer's cached pairs: (T,) while every head holds the same
@@ -471,6 +530,7 @@ def compressing(
     budget: str | Budget = "uniform",
     decode_budget: int | None = None,
     evict_every: int = 16,
+    key_channels: float = 0.0,
     **options: Any,
 ) -> Iterator[Compressor]:
     """Compress the prefill of every ``model.generate`` / forward call made inside the block.
@@ -485,10 +545,19 @@ def compressing(
     Hooks are removed when the block exits, even on an exception. ``decode_budget=N`` also keeps
     every layer at most N pairs per head while generating, evicting every ``evict_every`` tokens
     (:class:`DecodingSchedule`; scorers that accept per-head positions, dense budgets).
+    ``key_channels`` prunes that fraction of every layer's key channels as well (ThinK, see
+    :func:`kvtrim.compress`).
     """
     scorer = make_scorer(method, **options)
+    if scorer.needs_reconstruction:
+        raise KVTrimError(
+            f"Method {scorer.name!r} scores a context with extra forwards after its prefill, which "
+            "generate() does not allow; use kvtrim.compress(model, tokenizer, context, ...) instead."
+        )
     decoding = decoding_schedule(scorer, make_budget(budget), decode_budget, evict_every)
-    compressor = Compressor(model, scorer, ratio, seed=seed, budget=budget, decoding=decoding)
+    compressor = Compressor(
+        model, scorer, ratio, seed=seed, budget=budget, decoding=decoding, key_channels=key_channels
+    )
     scorer.setup(model, tokenizer)
     with compressor.attached() as attached:
         yield attached

@@ -22,15 +22,21 @@ from transformers.cache_utils import CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from kvtrim.channels import PrunedKeys, select_channels, select_query_channels
+
 ATTENTION_NAME = "kvtrim_sdpa"
 
 
 @dataclass
 class RaggedKV:
-    """Per-head keys and values: lists of Hkv tensors of shape (B, K_h, D)."""
+    """Per-head keys and values: lists of Hkv tensors of shape (B, K_h, D).
+
+    With pruned key channels (ThinK) head h's keys are (B, K_h, Dk) over ``channels[:, h]``.
+    """
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
+    channels: torch.Tensor | None = None  # (B, Hkv, Dk)
 
     # The attention modules only pass these along; a few read the shape or device.
     @property
@@ -57,8 +63,9 @@ class RaggedLayer(CacheLayerMixin):
 
     def __init__(self, head_keys: list[torch.Tensor], head_values: list[torch.Tensor]):
         super().__init__()
-        self.head_keys = head_keys  # Hkv × (B, K_h, D)
+        self.head_keys = head_keys  # Hkv × (B, K_h, D), or (B, K_h, Dk) once channels are pruned
         self.head_values = head_values
+        self.key_channels: torch.Tensor | None = None  # (B, Hkv, Dk) kept key channels (ThinK)
         self.device = head_keys[0].device
         self.is_initialized = True
 
@@ -79,10 +86,24 @@ class RaggedLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         """Append new (B, Hkv, q, D) states to every head; returns a :class:`RaggedKV`."""
+        if self.key_channels is not None:
+            key_states = select_channels(key_states, self.key_channels)  # (B, Hkv, q, Dk)
         self.head_keys = [torch.cat([k, key_states[:, h]], dim=1) for h, k in enumerate(self.head_keys)]
         self.head_values = [torch.cat([v, value_states[:, h]], dim=1) for h, v in enumerate(self.head_values)]
-        ragged = RaggedKV(self.head_keys, self.head_values)
+        ragged = RaggedKV(self.head_keys, self.head_values, self.key_channels)
         return ragged, ragged  # the attention function reads .keys of the first, .values of the second
+
+    def key_norms(self) -> torch.Tensor:
+        """‖K[:, c]‖ of every head's stored keys: (B, Hkv, D)."""
+        return torch.stack([k.float().norm(dim=1) for k in self.head_keys], dim=1)
+
+    def prune_key_channels(self, channels: torch.Tensor) -> None:
+        """Keep only ``channels`` (B, Hkv, Dk) of every head's keys, now and for later tokens."""
+        self.head_keys = [
+            select_channels(k[:, None], channels[:, h : h + 1])[:, 0]  # (B, K_h, Dk)
+            for h, k in enumerate(self.head_keys)
+        ]
+        self.key_channels = channels
 
     def head_lengths(self) -> list[int]:
         return [int(k.shape[1]) for k in self.head_keys]
@@ -98,6 +119,8 @@ class RaggedLayer(CacheLayerMixin):
 
     def nbytes(self) -> int:
         tensors = [*self.head_keys, *self.head_values]
+        if self.key_channels is not None:
+            tensors.append(self.key_channels)
         return sum(t.untyped_storage().nbytes() for t in tensors)
 
     def n_pairs(self) -> int:
@@ -126,8 +149,13 @@ def kvtrim_attention(
 ) -> tuple[torch.Tensor, None]:
     """``sdpa`` that also understands ragged heads and per-layer cache lengths.
 
-    query: (B, H, q, D). Returns (B, q, H, D) like transformers' sdpa.
+    query: (B, H, q, D). Returns (B, q, H, D) like transformers' sdpa. Keys stored on a subset of
+    their channels (:class:`~kvtrim.channels.PrunedKeys`, or a ragged layer's ``channels``) meet
+    the same channels of the query: q·k over the kept channels, scaled as the full head would be.
     """
+    if isinstance(key, PrunedKeys):
+        query = select_query_channels(query, key.channels)  # (B, H, q, Dk)
+        key = key.keys  # (B, Hkv, T, Dk)
     if not isinstance(key, RaggedKV):
         if attention_mask is not None and attention_mask.shape[-1] != key.shape[-2]:
             attention_mask = _suffix_causal_mask(query.shape[2], key.shape[-2], query.device)[None, None]
@@ -139,6 +167,8 @@ def kvtrim_attention(
     outputs = []
     for head in range(n_kv):
         q = query[:, head * group : (head + 1) * group]  # (B, G, q, D)
+        if key.channels is not None:
+            q = q[..., key.channels[0, head]]  # (B, G, q, Dk), B = 1
         k = key.keys[head][:, None].expand(-1, group, -1, -1)  # (B, G, K_h, D)
         v = value.values[head][:, None].expand(-1, group, -1, -1)
         mask = _suffix_causal_mask(q_len, k.shape[2], q.device) if q_len > 1 else None

@@ -35,6 +35,7 @@ from kvtrim.errors import KVTrimError
 from kvtrim.methods import Scorer, make_scorer
 from kvtrim.models import max_context, text_config
 from kvtrim.prompting import PromptLayout, encode, layout_for
+from kvtrim.reconstruction import evict_by_reconstruction
 
 if TYPE_CHECKING:
     from kvtrim.batch import BatchSession
@@ -183,6 +184,16 @@ def _chunked_budget(scorer: Scorer, policy: Budget, n_tokens: int, ratio: float,
     raise KVTrimError("Chunked prefill works with the uniform and tokens budgets.")
 
 
+def _reconstruction_prefiller(compressor: Compressor, chunk_size: int | None) -> Compressor:
+    """The prefill of a reconstruction scorer keeps every pair (sliding layers are still compacted)."""
+    if chunk_size is not None:
+        raise KVTrimError(
+            f"Method {compressor.scorer.name!r} scores the whole prefilled context at once; "
+            "it does not support chunked prefill (drop chunk_size / --chunk)."
+        )
+    return Compressor(compressor.model, make_scorer("none"), compressor.ratio, seed=compressor.seed)
+
+
 def _final_stats(cache: Any, n_tokens: int, compress_s: float) -> CompressionStats:
     """Figures of a chunked compression: 'before' is the uncompressed cache of all n_tokens."""
     stats = CompressionStats(compress_s=compress_s)
@@ -275,6 +286,7 @@ def compress(
     decode_budget: int | None = None,
     evict_every: int = 16,
     question: str | None = None,
+    key_channels: float = 0.0,
     **options: Any,
 ) -> Session | BatchSession:
     """Prefill ``context`` once, compressing each layer as it goes, and return a :class:`Session`.
@@ -303,13 +315,20 @@ def compress(
     scorers see it — SnapKV's observation window is then the question. The session answers that
     question only (``session.ask()``); the template's closing and any answer prefix follow the
     compressed cache. Methods flagged ``query_aware`` (``snapkv-query-aware``) require it.
+
+    ``key_channels=r`` also prunes the fraction r of every layer's key channels (ThinK, arXiv
+    2407.21018): each kv-head keeps the ``D − floor(r·D)`` channels with the largest
+    ‖Q_window[:, c]‖·‖K[:, c]‖ over the last 32 context queries, and stores its keys as
+    (T, D_kept). It composes with any token-eviction method and budget, not with chunked prefill
+    or reconstruction methods (kvzip).
     """
     if not isinstance(context, str):
         from kvtrim.batch import compress_batch
 
-        if chunk_size is not None or decode_budget is not None or question is not None:
+        if chunk_size is not None or decode_budget is not None or question is not None or key_channels:
             raise KVTrimError(
-                "Batches do not support chunked prefill, decoding eviction or query-aware compression yet."
+                "Batches do not support chunked prefill, decoding eviction, query-aware compression "
+                "or key-channel pruning yet."
             )
         return compress_batch(
             model,
@@ -330,20 +349,34 @@ def compress(
             f"Method {scorer.name!r} compresses the question with the context: pass question=... "
             "(kvtrim ask does so for each -q)."
         )
+    if scorer.needs_reconstruction and question is not None:
+        raise KVTrimError(f"Method {scorer.name!r} reconstructs the context alone; it takes no question.")
     layout, ids = encode_context(model, tokenizer, context, use_chat_template, question)
     policy = make_budget(budget, **(budget_options or {}))
     budget_name = policy.name
     if chunk_size is not None:
         policy = _chunked_budget(scorer, policy, len(ids), check_ratio(ratio), chunk_size)
+    if key_channels and (chunk_size is not None or scorer.needs_reconstruction or decode_budget is not None):
+        raise KVTrimError(
+            "key_channels (ThinK) prunes each layer's key channels during a one-shot prefill; it does "
+            f"not combine with chunked prefill, decoding eviction or {scorer.name!r}'s scoring after "
+            "the prefill."
+        )
     decoding = decoding_schedule(scorer, policy, decode_budget, evict_every)
-    compressor = Compressor(model, scorer, ratio, seed=seed, budget=policy, decoding=decoding)
+    compressor = Compressor(
+        model, scorer, ratio, seed=seed, budget=policy, decoding=decoding, key_channels=key_channels
+    )
     compressor.every_forward = chunk_size is not None
+    # A reconstruction scorer (KVzip) needs the whole uncompressed cache: prefill without evicting.
+    prefiller = (
+        _reconstruction_prefiller(compressor, chunk_size) if scorer.needs_reconstruction else compressor
+    )
     scorer.setup(model, tokenizer)
     device = next(model.parameters()).device
     cache = DynamicCache(config=text_config(model))
     step = chunk_size or len(ids)
     start = time.perf_counter()
-    with compressor.attached():
+    with prefiller.attached():
         for begin in range(0, len(ids), step):
             end = min(begin + step, len(ids))
             model(
@@ -353,6 +386,8 @@ def compress(
                 use_cache=True,
                 logits_to_keep=1,
             )
+    if prefiller is not compressor:
+        evict_by_reconstruction(model, tokenizer, cache, compressor, layout, context, len(ids))
     if chunk_size is not None:
         peak = compressor.stats.kv_bytes_peak
         compressor.stats = _final_stats(cache, len(ids), compressor.stats.compress_s)

@@ -27,6 +27,7 @@ from kvtrim.errors import KVTrimError
 from kvtrim.methods import LayerView, Scorer, make_scorer
 from kvtrim.models import text_config
 from kvtrim.prompting import PromptLayout
+from kvtrim.reconstruction import score_by_reconstruction
 from kvtrim.session import Session, encode_context
 
 Cell = tuple[str, float, str]  # (method, ratio, budget name)
@@ -223,7 +224,8 @@ def prefill_once(
 
     ``methods`` are names (or scorers, keyed by their name) of question-agnostic methods;
     ``budgets`` names (or policies, keyed by their name) of budgets, each applied to every
-    (method, ratio).
+    (method, ratio). Methods scoring by reconstruction (KVzip) run their reconstruction once, on
+    the full cache, for every ratio and budget.
     """
     from transformers import DynamicCache
 
@@ -237,7 +239,9 @@ def prefill_once(
         ragged.enable(model)
     for scorer in scorers.values():
         scorer.setup(model, tokenizer)
-    recorder = _ScoreRecorder(model, scorers, ratio_list, policies, seed)
+    # Reconstruction scorers (KVzip) score after the prefill, from the full cache it leaves.
+    in_prefill = {name: s for name, s in scorers.items() if not s.needs_reconstruction}
+    recorder = _ScoreRecorder(model, in_prefill, ratio_list, policies, seed)
     device = next(model.parameters()).device
     cache = DynamicCache(config=text_config(model))
     start = time.perf_counter()
@@ -250,6 +254,15 @@ def prefill_once(
             logits_to_keep=1,
         )
     total = time.perf_counter() - start
+    kept, score_s = recorder.kept, recorder.score_s
+    for name, scorer in scorers.items():
+        if scorer.needs_reconstruction:
+            start = time.perf_counter()
+            cells = _reconstruction_cells(
+                model, tokenizer, cache, scorer, layout, context, len(ids), ratio_list, policies, seed
+            )
+            kept.update({(name, *cell): chosen for cell, chosen in cells.items()})
+            score_s[name] = time.perf_counter() - start
     return SharedPrefill(
         model=model,
         tokenizer=tokenizer,
@@ -257,7 +270,38 @@ def prefill_once(
         context_length=len(ids),
         full_cache=cache,
         prefill_s=total - recorder.stats.compress_s,
-        kept=recorder.kept,
-        score_s=recorder.score_s,
+        kept=kept,
+        score_s=score_s,
         select_s=recorder.select_s,
     )
+
+
+def _reconstruction_cells(
+    model: nn.Module,
+    tokenizer: Any,
+    cache: Any,
+    scorer: Scorer,
+    layout: PromptLayout,
+    context: str,
+    context_length: int,
+    ratios: list[float],
+    policies: Mapping[str, Budget],
+    seed: int,
+) -> dict[tuple[float, str], list[torch.Tensor | None]]:
+    """Each (ratio, budget)'s choice for a reconstruction scorer, from one reconstruction of the
+    full cache: its scores depend on neither, and ``compress`` applies the budget per layer."""
+    scores, _ = score_by_reconstruction(
+        model, tokenizer, cache, scorer, layout, context, context_length, seed
+    )
+    full_layers = [idx for idx, layer in enumerate(cache.layers) if not _is_sliding(layer)]
+    n_layers = len(cache.layers)
+    cells: dict[tuple[float, str], list[torch.Tensor | None]] = {}
+    for ratio in ratios:
+        for budget_name, budget in policies.items():
+            chosen: list[torch.Tensor | None] = []
+            for idx in full_layers:
+                seq = layer_tokens(cache.layers[idx])
+                evicts = scorer.evicts and budget.evicts(seq, ratio)
+                chosen.append(budget.select(scores[idx], idx, n_layers, ratio) if evicts else None)
+            cells[(ratio, budget_name)] = chosen
+    return cells

@@ -7,6 +7,8 @@ and each cell gathers its own kept pairs from the full cache, bit-identical to c
 alone. A scorer that declares ``query_aware = True`` (``snapkv-query-aware``) compresses the question
 with the context, so each of its cells gets a prefill of its own, question included; it has no cell
 on ``perplexity``, which has no question.
+KVzip, which scores with extra forwards after the prefill, runs them once on the shared full
+cache for all its cells.
 
 Ratio 0 and method ``none`` are the same cache (nothing evicted, whatever the budget), so they form
 a single cell, ``("none", 0.0, "uniform")``, evaluated once per sample; reports draw it as every
@@ -372,7 +374,8 @@ class CellEvaluator:
             ragged.enable(self.model)
 
     def shares(self, method: str) -> bool:
-        """Whether ``method`` can take its cache from a shared prefill (question-agnostic scorers)."""
+        """Whether ``method`` can take its cache from a shared prefill (question-agnostic scorers;
+        KVzip's reconstruction then runs once on the shared full cache, for all its cells)."""
         return self.share and not self.scorers[method].query_aware
 
     def run(self, task: str, index: int, sample: Sample, cells: Sequence[Cell]) -> Iterator[dict]:

@@ -10,6 +10,7 @@ from kvtrim.methods.chunkkv import ChunkKV
 from kvtrim.methods.cur import CUR
 from kvtrim.methods.expected_attention import ExpectedAttention
 from kvtrim.methods.keydiff import KeyDiff
+from kvtrim.methods.kvzip import KVzip
 from kvtrim.methods.lagkv import LagKV
 from kvtrim.methods.leverage import Leverage
 from kvtrim.methods.observed_attention import ObservedAttention
@@ -36,6 +37,7 @@ METHODS: dict[str, type[Scorer]] = {
         CUR,
         Leverage,
         ChunkKV,
+        KVzip,
     )
 }
 

@@ -93,6 +93,10 @@ class Scorer:
     #: requires ``question=`` (prefilled and compressed after the context) and the benchmark
     #: gives every such cell a prefill of its own instead of the shared one.
     query_aware: ClassVar[bool] = False
+    #: True when the scorer needs extra forwards over the whole, uncompressed prefilled cache
+    #: (KVzip's context reconstruction): the context is then prefilled without eviction and
+    #: :mod:`kvtrim.reconstruction` scores and evicts afterwards (see ``reconstruction_inputs``)
+    needs_reconstruction: ClassVar[bool] = False
 
     def setup(self, model: torch.nn.Module, tokenizer: Any) -> None:
         """Prepare model-specific data once (e.g. calibration); default: nothing."""
