@@ -5,6 +5,12 @@ keep a random sample, take the first right singular vector per query head (orien
 queries project positively on it), average the filters of the heads sharing a KV head. The result,
 (layers, kv-heads, head_dim), is saved as safetensors under the user cache dir, keyed by a
 fingerprint of the model's weights, so each model is calibrated once.
+
+Query statistics (for ``expected-attention-calibrated``): the mean and covariance of every
+(layer, query head)'s pre-RoPE queries over the same kind of local text, (L, H, D) and
+(L, H, D, D), cached the same way. They describe "a typical future query" independently of the
+context being compressed, which matters when the context's own queries are few or unrepresentative
+of the questions that will follow.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from kvtrim.models import (
 )
 
 QFILTERS_VERSION = 1
+QUERY_STATS_VERSION = 1
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -73,6 +80,21 @@ def load_or_compute_qfilters(
     return filters
 
 
+def calibration_sequences(
+    model: nn.Module, tokenizer: Any, texts: list[str], n_sequences: int, seq_len: int
+) -> list[list[int]]:
+    """Consecutive, non-overlapping token windows of ``texts`` (at most ``n_sequences``), each
+    ``seq_len`` tokens long or shorter when the text or the model's window is shorter."""
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if len(ids) < 64:
+        raise KVTrimError("Calibration text is too short (need at least 64 tokens).")
+    seq_len = min(seq_len, len(ids), int(getattr(text_config(model), "max_position_embeddings", seq_len)))
+    starts = list(range(0, len(ids) - seq_len + 1, seq_len))[:n_sequences]
+    return [ids[start : start + seq_len] for start in starts]
+
+
 def orient_filter(direction: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     """Flip ``direction`` (D,) so that most ``queries`` (N, D) project positively on it."""
     positive = (queries @ direction > 0).float().mean()
@@ -96,15 +118,9 @@ def compute_qfilters(
     seed: int = 0,
 ) -> torch.Tensor:
     """Compute Q-Filters from ``texts``: returns (L, Hkv, D) float32 on CPU."""
-    ids: list[int] = []
-    for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-    if len(ids) < 64:
-        raise KVTrimError("Calibration text is too short (need at least 64 tokens).")
-    seq_len = min(seq_len, len(ids), int(getattr(text_config(model), "max_position_embeddings", seq_len)))
-    starts = list(range(0, len(ids) - seq_len + 1, seq_len))[:n_sequences]
+    sequences = calibration_sequences(model, tokenizer, texts, n_sequences, seq_len)
     attentions = attention_modules(model)
-    per_seq = max(1, n_samples // len(starts))
+    per_seq = max(1, n_samples // len(sequences))
     gen = torch.Generator().manual_seed(seed)
     collected: list[list[torch.Tensor]] = [[] for _ in attentions]
     projected: dict[int, torch.Tensor] = {}
@@ -132,8 +148,8 @@ def compute_qfilters(
             proj, _ = query_projection(attn)
             handles.append(proj.register_forward_hook(stash(idx)))
             handles.append(attn.register_forward_hook(collect(idx, attn), with_kwargs=True))
-        for start in tqdm(starts, desc="calibrating Q-Filters", unit="seq", file=sys.stderr):
-            model(input_ids=torch.tensor([ids[start : start + seq_len]], device=device), use_cache=False)
+        for seq in tqdm(sequences, desc="calibrating Q-Filters", unit="seq", file=sys.stderr):
+            model(input_ids=torch.tensor([seq], device=device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
@@ -145,3 +161,90 @@ def compute_qfilters(
         n_kv = text_config(model).num_key_value_heads
         filters.append(per_head.view(n_kv, -1, per_head.shape[-1]).mean(dim=1))  # (Hkv, D)
     return torch.stack(filters)  # (L, Hkv, D)
+
+
+def query_stats_path(model: nn.Module) -> Path:
+    return cache_dir() / "calibration" / model_fingerprint(model) / "query_stats.safetensors"
+
+
+def load_or_compute_query_stats(
+    model: nn.Module, tokenizer: Any, texts: list[str] | None = None, refresh: bool = False, **kwargs: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean (L, H, D), covariance (L, H, D, D)) from the disk cache, computed and saved first if
+    absent or written by another version of the computation."""
+    from safetensors import safe_open
+
+    path = query_stats_path(model)
+    if path.is_file() and not refresh and texts is None:
+        with safe_open(str(path), framework="pt") as f:
+            current = (f.metadata() or {}).get("version") == str(QUERY_STATS_VERSION)
+        if current:
+            stored = load_file(str(path))
+            return stored["mean"], stored["cov"]
+    if tokenizer is None:
+        raise KVTrimError(
+            "Calibrated query statistics are missing for this model: pass the tokenizer "
+            "(or run `kvtrim calibrate --query-stats`)."
+        )
+    print(f"kvtrim: calibrating query statistics (once; cached in {path.parent})", file=sys.stderr)
+    mean, cov = compute_query_stats(model, tokenizer, texts or bundled_texts(), **kwargs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {"mean": mean.contiguous(), "cov": cov.contiguous()},
+        str(path),
+        metadata={"version": str(QUERY_STATS_VERSION)},
+    )
+    return mean, cov
+
+
+@torch.inference_mode()
+def compute_query_stats(
+    model: nn.Module,
+    tokenizer: Any,
+    texts: list[str],
+    n_sequences: int = 20,
+    seq_len: int = 2048,
+    skip_first: int = 4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (L, H, D) and population covariance (L, H, D, D) of the pre-RoPE queries (q-norm
+    applied) of every layer and query head over ``texts``, float32 on CPU.
+
+    The first ``skip_first`` positions of each sequence are left out, as expected-attention leaves
+    out the queries of its sink positions: they are outliers no later query resembles. Sums are
+    accumulated in float64 so that E[qqᵀ] − μμᵀ does not cancel badly.
+    """
+    sequences = calibration_sequences(model, tokenizer, texts, n_sequences, seq_len)
+    if all(len(seq) <= skip_first for seq in sequences):
+        raise KVTrimError("Calibration sequences are too short for query statistics.")
+    attentions = attention_modules(model)
+    sums: list[torch.Tensor | None] = [None] * len(attentions)  # (H, D) each
+    squares: list[torch.Tensor | None] = [None] * len(attentions)  # (H, D, D) each
+    count = 0
+    handles = []
+
+    def collect(idx: int, attn: nn.Module):
+        def hook(_m: nn.Module, _a: tuple, out: torch.Tensor) -> None:
+            q = queries_from_projection(attn, out)[0, :, skip_first:].double().cpu()  # (H, N, D)
+            total, outer = q.sum(dim=1), q.transpose(-1, -2) @ q  # (H, D), (H, D, D)
+            sums[idx] = total if sums[idx] is None else sums[idx] + total
+            squares[idx] = outer if squares[idx] is None else squares[idx] + outer
+
+        return hook
+
+    device = next(model.parameters()).device
+    try:
+        for idx, attn in enumerate(attentions):
+            proj, _ = query_projection(attn)
+            handles.append(proj.register_forward_hook(collect(idx, attn)))
+        for seq in tqdm(sequences, desc="calibrating query statistics", unit="seq", file=sys.stderr):
+            model(input_ids=torch.tensor([seq], device=device), use_cache=False)
+            count += max(0, len(seq) - skip_first)
+    finally:
+        for handle in handles:
+            handle.remove()
+    means, covs = [], []
+    for total, outer in zip(sums, squares, strict=True):
+        mean = total / count  # (H, D)
+        means.append(mean)
+        covs.append(outer / count - mean[:, :, None] * mean[:, None, :])  # E[qqᵀ] − μμᵀ, (H, D, D)
+    return torch.stack(means).float(), torch.stack(covs).float()

@@ -8,7 +8,7 @@ from kvtrim.errors import KVTrimError
 from kvtrim.methods.base import LayerView, Scorer
 from kvtrim.methods.chunkkv import ChunkKV
 from kvtrim.methods.cur import CUR
-from kvtrim.methods.expected_attention import ExpectedAttention
+from kvtrim.methods.expected_attention import ExpectedAttention, ExpectedAttentionCalibrated
 from kvtrim.methods.keydiff import KeyDiff
 from kvtrim.methods.lagkv import LagKV
 from kvtrim.methods.leverage import Leverage
@@ -24,6 +24,7 @@ METHODS: dict[str, type[Scorer]] = {
         NoEviction,
         KNorm,
         ExpectedAttention,
+        ExpectedAttentionCalibrated,
         QFilters,
         RandomScorer,
         StreamingLLM,
