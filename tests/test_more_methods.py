@@ -15,9 +15,10 @@ from test_methods import capture_views
 
 import kvtrim
 import kvtrim.calibration as calibration
+from kvtrim.budgets import PyramidBudget, top_indices
 from kvtrim.calibration import calibration_sequences, compute_query_stats, load_or_compute_query_stats
 from kvtrim.errors import KVTrimError
-from kvtrim.methods import METHODS, LayerView, make_scorer
+from kvtrim.methods import METHODS, LayerView, Scorer, make_scorer
 from kvtrim.methods.expected_attention import ExpectedAttention
 
 views_of = functools.cache(capture_views)  # the views are only read: build each model once
@@ -195,3 +196,160 @@ def test_cli_calibrates_query_stats(tmp_path, monkeypatch, tiny_dir):
     assert result.returncode == 0, result.stderr
     assert "Query statistics (3, 4, 16) saved" in result.stdout
     assert [p.name for p in (tmp_path / "cache").rglob("*.safetensors")] == ["query_stats.safetensors"]
+
+
+# ---------------------------------------------------------------- CriticalKV
+
+
+def test_output_weight_splits_o_proj_per_head():
+    model, views = views_of("qwen3", 120)
+    view = views[1]
+    attn = model.model.layers[1].self_attn
+    d = view.head_dim
+    per_head = torch.randn(view.n_heads, 5, d)  # (H, N, D): any per-head attention outputs
+    through_heads = sum(per_head[h] @ view.output_weight[h] for h in range(view.n_heads))  # (N, hidden)
+    concat = per_head.transpose(0, 1).reshape(5, view.n_heads * d)  # (N, H·D), as the model concatenates
+    torch.testing.assert_close(through_heads, attn.o_proj(concat).detach(), rtol=1e-5, atol=1e-5)
+
+
+def slow_critical(view: LayerView, model, base: torch.Tensor, budget: int, first_stage: float, eps: float):
+    """Kept set of CriticalKV per kv-head, by explicit sorting; base: (Hkv, T) float64."""
+    weight = model.model.layers[view.layer_idx].self_attn.o_proj.weight.detach().double()  # (hidden, H·D)
+    d, seq = view.head_dim, view.keys.shape[2]
+    kept = []
+    for j in range(view.n_kv_heads):
+        norms = []
+        for t in range(seq):
+            v = view.values[0, j, t].double()
+            per_head = []
+            for g in range(view.group_size):
+                h = j * view.group_size + g
+                per_head.append(float((weight[:, h * d : (h + 1) * d] @ v).abs().sum()))
+            norms.append(sum(per_head) / len(per_head))
+        # ranking: score descending, then the more recent position first
+        by_base = sorted(range(seq), key=lambda t: (float(base[j, t]), t), reverse=True)
+        first = by_base[: math.floor(first_stage * budget)]
+        refined = {t: (float(base[j, t]) + eps) * norms[t] for t in range(seq)}
+        refined = {t: math.inf if math.isinf(base[j, t]) else s for t, s in refined.items()}
+        rest = sorted((t for t in range(seq) if t not in first), key=lambda t: (refined[t], t), reverse=True)
+        kept.append(sorted(first + rest[: budget - len(first)]))
+    return kept
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "phi3"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(base_options={"window": 8}),
+        dict(base="expected-attention", base_options={"use_vnorm": False}, first_stage=0.75),
+        dict(base="tova", epsilon=0.1),
+    ],
+)
+def test_critical_keeps_the_two_stage_set(arch, options):
+    model, views = views_of(arch, 120)
+    view = views[-1]
+    seq = view.keys.shape[2]
+    assert view.budget_keep == seq - math.floor(0.5 * seq)  # captured at ratio 0.5, uniform budget
+    scorer = make_scorer("critical", **options)
+    base_scorer = make_scorer(scorer.base, **scorer.base_options)
+    base = base_scorer.score(view)[0].double()  # (Hkv, T)
+    scores = scorer.score(view)
+    one_stage = make_scorer("critical", **{**options, "first_stage": 0.0})
+    differs_from_base, differs_from_refined = [], []
+    try:
+        for budget in (view.budget_keep, 20):
+            view.budget_keep = budget
+            expected = slow_critical(view, model, base, budget, scorer.first_stage, scorer.epsilon)
+            got = top_indices(scorer.score(view), budget)[0].tolist()
+            assert got == expected
+            differs_from_base.append(got != top_indices(base_scorer.score(view), budget)[0].tolist())
+            differs_from_refined.append(got != top_indices(one_stage.score(view), budget)[0].tolist())
+    finally:
+        view.budget_keep = seq - math.floor(0.5 * seq)
+    # both stages matter: the set is neither the base's top-k nor the refined score's alone
+    assert any(differs_from_base) and any(differs_from_refined)
+    assert torch.equal(scorer.score(view), scores)
+
+
+def test_critical_without_a_budget_count_is_the_refined_score():
+    model, views = views_of("llama", 120)
+    view = views[-1]
+    keep = view.budget_keep
+    try:
+        view.budget_keep = None  # a threshold budget: no stage 1
+        scores = make_scorer("critical", base="tova").score(view)[0].double()
+    finally:
+        view.budget_keep = keep
+    base = make_scorer("tova").score(view)[0].double()
+    weight = model.model.layers[view.layer_idx].self_attn.o_proj.weight.detach().double()
+    d = view.head_dim
+    for j in range(view.n_kv_heads):
+        for t in (0, 7, view.keys.shape[2] - 2):
+            norm = (
+                sum(
+                    float((weight[:, h * d : (h + 1) * d] @ view.values[0, j, t].double()).abs().sum())
+                    for h in range(j * view.group_size, (j + 1) * view.group_size)
+                )
+                / view.group_size
+            )
+            assert float(scores[j, t]) == pytest.approx((float(base[j, t]) + 1e-4) * norm, rel=1e-4)
+
+
+class BudgetSpy(Scorer):
+    name = "budget-spy"
+
+    def __init__(self):
+        self.seen = []
+
+    def score(self, view):
+        self.seen.append(view.budget_keep)
+        return view.key_positions.float().expand(*view.keys.shape[:2], -1)
+
+
+@pytest.mark.parametrize(
+    ("budget", "options", "expected"),
+    [
+        ("uniform", {}, lambda t, i: t - math.floor(0.25 * t)),
+        ("tokens", {"tokens": 30}, lambda t, i: 30),
+        ("threshold", {"threshold": 0.0}, lambda t, i: None),
+        ("pyramid", {"beta": 2.0}, lambda t, i: PyramidBudget(2.0).layer_keep(t, i, 3, 0.25)),
+    ],
+)
+def test_views_carry_the_budgets_count(budget, options, expected, tokenizer):
+    spy = BudgetSpy()
+    session = kvtrim.compress(
+        make_model("llama"),
+        tokenizer,
+        sample_text(100),
+        method=spy,
+        ratio=0.25,
+        budget=budget,
+        budget_options=options,
+    )
+    t = session.context_length
+    assert spy.seen == [expected(t, i) for i in range(3)]
+
+
+def test_critical_compresses_and_rejects_bad_options(tokenizer):
+    model = make_model("qwen3")
+    for budget in ("uniform", "adaptive"):
+        session = kvtrim.compress(
+            model, tokenizer, sample_text(300), method="critical", ratio=0.5, budget=budget
+        )
+        assert session.stats.kv_tokens_after == 3 * 2 * (session.context_length - session.context_length // 2)
+        assert isinstance(session.ask("alpha?", max_new_tokens=3), str)
+    chunked = kvtrim.compress(
+        model,
+        tokenizer,
+        sample_text(300),
+        method="critical",
+        base="expected-attention",
+        ratio=0.5,
+        chunk_size=64,
+    )
+    assert chunked.stats.kv_bytes_after < chunked.stats.kv_bytes_before
+    with pytest.raises(KVTrimError, match="chunked"):
+        kvtrim.compress(model, tokenizer, sample_text(300), method="critical", ratio=0.5, chunk_size=64)
+    for options in (dict(first_stage=1.5), dict(base="none"), dict(base="critical"), dict(base="nope")):
+        with pytest.raises(KVTrimError):
+            make_scorer("critical", **options)

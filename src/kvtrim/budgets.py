@@ -62,6 +62,11 @@ class Budget:
         """False when this budget keeps everything (the engine then skips scoring)."""
         return n_keep(n_tokens, ratio) < n_tokens
 
+    def layer_keep(self, n_tokens: int, layer_idx: int, n_layers: int, ratio: float) -> int | None:
+        """Pairs per head this budget keeps in the layer (their mean if heads differ), None when
+        it depends on the scores themselves. Scorers see it as ``LayerView.budget_keep``."""
+        return n_keep(n_tokens, ratio)
+
 
 class UniformBudget(Budget):
     name = "uniform"
@@ -84,6 +89,9 @@ class TokenBudget(Budget):
 
     def evicts(self, n_tokens: int, ratio: float) -> bool:
         return n_tokens > self.tokens
+
+    def layer_keep(self, n_tokens: int, layer_idx: int, n_layers: int, ratio: float) -> int | None:
+        return min(self.tokens, n_tokens)
 
     def select(self, scores: torch.Tensor, layer_idx: int, n_layers: int, ratio: float) -> torch.Tensor:
         return top_indices(scores, min(self.tokens, scores.shape[-1]))
@@ -151,6 +159,9 @@ class ThresholdBudget(Budget):
 
     def __init__(self, threshold: float):
         self.threshold = float(threshold)
+
+    def layer_keep(self, n_tokens: int, layer_idx: int, n_layers: int, ratio: float) -> int | None:
+        return None
 
     def evicts(self, n_tokens: int, ratio: float) -> bool:
         return True

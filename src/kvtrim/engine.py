@@ -243,9 +243,21 @@ class Compressor:
             pre_rope_queries=pre_rope_queries,
             rotate_fn=rotate,
             seed=self.seed,
+            output_weight=_output_weight(attn),
+            budget_keep=self.budget.layer_keep(seq, idx, len(self._attentions), self.ratio),
             rope_key=rotary.layer_type,
             rotation_cache=_rotation_cache(rotary.rotary),
         )
+
+
+def _output_weight(attn: nn.Module) -> torch.Tensor | None:
+    """W_o split per query head, (H, D, hidden): a view of ``o_proj.weight``, no copy."""
+    proj = getattr(attn, "o_proj", None)
+    if proj is None:
+        return None
+    weight = proj.weight.detach()  # (hidden, H·D)
+    heads = attn.config.num_attention_heads
+    return weight.view(weight.shape[0], heads, attn.head_dim).permute(1, 2, 0)  # (H, D, hidden)
 
 
 def _rotation_cache(rotary: nn.Module) -> dict:

@@ -7,6 +7,7 @@ from typing import Any
 from kvtrim.errors import KVTrimError
 from kvtrim.methods.base import LayerView, Scorer
 from kvtrim.methods.chunkkv import ChunkKV
+from kvtrim.methods.critical import CriticalKV
 from kvtrim.methods.cur import CUR
 from kvtrim.methods.expected_attention import ExpectedAttention, ExpectedAttentionCalibrated
 from kvtrim.methods.keydiff import KeyDiff
@@ -36,6 +37,7 @@ METHODS: dict[str, type[Scorer]] = {
         CUR,
         Leverage,
         ChunkKV,
+        CriticalKV,
     )
 }
 
