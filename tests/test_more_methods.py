@@ -4,6 +4,7 @@ each against a slow reference written plainly here (float64 loops on batch 0).""
 from __future__ import annotations
 
 import functools
+import json
 import math
 import subprocess
 import sys
@@ -15,11 +16,13 @@ from test_methods import capture_views
 
 import kvtrim
 import kvtrim.calibration as calibration
-from kvtrim.budgets import PyramidBudget, top_indices
+from kvtrim.budgets import DuoBudget, PyramidBudget, top_indices
 from kvtrim.calibration import calibration_sequences, compute_query_stats, load_or_compute_query_stats
 from kvtrim.errors import KVTrimError
 from kvtrim.methods import METHODS, LayerView, Scorer, make_scorer
 from kvtrim.methods.expected_attention import ExpectedAttention
+from kvtrim.prompting import encode
+from kvtrim.ragged import RaggedLayer
 
 views_of = functools.cache(capture_views)  # the views are only read: build each model once
 
@@ -353,3 +356,230 @@ def test_critical_compresses_and_rejects_bad_options(tokenizer):
     for options in (dict(first_stage=1.5), dict(base="none"), dict(base="critical"), dict(base="nope")):
         with pytest.raises(KVTrimError):
             make_scorer("critical", **options)
+
+
+# ---------------------------------------------------------------- DuoAttention head split
+
+
+def plain_duo_heads(model, tokenizer, text, seq_len, sinks, window, depths):
+    """needle / (needle + sinks + recent) attention mass from eager attention weights, in loops."""
+    model.set_attn_implementation("eager")
+    encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    question = encode(calibration.DUO_QUESTION)
+    haystack = encode(text)
+    context_len = seq_len - len(question)
+    sinks, window = min(sinks, context_len // 16), min(window, context_len // 4)
+    cfg = model.config
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    needle_mass = torch.zeros(cfg.num_hidden_layers, cfg.num_key_value_heads, dtype=torch.float64)
+    local_mass = torch.zeros_like(needle_mass)
+    for i, depth in enumerate(depths):
+        needle = encode(calibration.DUO_NEEDLE.format(value=calibration.DUO_VALUES[i]))
+        ids, start = calibration.passkey_prompt(haystack, needle, question, seq_len, sinks, window, depth)
+        assert ids[start : start + len(needle)] == needle and len(ids) == seq_len
+        with torch.no_grad():
+            attentions = model(input_ids=torch.tensor([ids]), output_attentions=True).attentions
+        for layer, probs in enumerate(attentions):  # (1, H, T, T)
+            for h in range(cfg.num_attention_heads):
+                for row in range(seq_len - len(question), seq_len):
+                    for col in range(row + 1):
+                        p = float(probs[0, h, row, col])
+                        if start <= col < start + len(needle):
+                            needle_mass[layer, h // group] += p
+                        elif col < sinks or col > row - window:
+                            local_mass[layer, h // group] += p
+    model.set_attn_implementation("sdpa")
+    return needle_mass / (needle_mass + local_mass)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_duo_calibration_equals_a_plain_reference(arch, tokenizer):
+    model = make_model(arch)
+    text = sample_text(2000, seed=4)
+    options = dict(seq_len=300, sinks=8, window=40, depths=(0.0, 0.5, 1.0))
+    got = calibration.compute_duo_heads(model, tokenizer, [text], **options)
+    assert got.shape == (3, 2)
+    expected = plain_duo_heads(model, tokenizer, text, **options)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
+    again = calibration.compute_duo_heads(model, tokenizer, [text], **options)
+    assert torch.equal(got, again)  # deterministic
+
+
+def test_duo_heads_are_cached_on_disk(tmp_path, monkeypatch, tokenizer):
+    monkeypatch.setenv("KVTRIM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(calibration, "bundled_texts", lambda: [sample_text(3000, seed=3)])
+    model = make_model("gemma3")
+    heads = calibration.load_or_compute_duo_heads(model, tokenizer, seq_len=400)
+    assert heads.shape == (4, 2)
+    assert (heads[[0, 2]] == 0).all() and (heads[[1, 3]] > 0).all()  # sliding layers are not calibrated
+    assert [p.name for p in tmp_path.rglob("*.safetensors")] == ["duo_heads.safetensors"]
+    monkeypatch.setattr(calibration, "compute_duo_heads", lambda *a, **k: pytest.fail("recomputed"))
+    assert torch.equal(calibration.load_or_compute_duo_heads(model, None), heads)
+    session = kvtrim.compress(
+        model,
+        tokenizer,
+        sample_text(300),
+        method="streaming-llm",
+        budget="duo",
+        budget_options=dict(sinks=4, window=16),
+    )
+    assert session.stats.kv_bytes_after < session.stats.kv_bytes_before
+
+
+def expected_duo_masks(heads, full_layers, seq, ratio, sinks, window, scores=None, fraction=None):
+    """Kept (L, Hkv, T) masks written out: rank heads globally, count retrieval heads from the ratio."""
+    n_layers, n_kv = heads.shape
+    candidates = [
+        (float(heads[li, j]), -(li * n_kv + j), li, j) for li in range(n_layers) for j in range(n_kv)
+    ]
+    candidates = sorted(
+        (c for c in candidates if full_layers[c[2]]), reverse=True
+    )  # ties: earlier head first
+    n = len(candidates)
+    stream = min(seq, sinks + window)
+    budget = (seq - math.floor(ratio * seq)) * n
+    if fraction is None:
+        f = 1.0 if stream >= seq else min(1.0, max(0.0, (budget / n - stream) / (seq - stream)))
+        n_ret, ret_keep = round(f * n), seq
+    else:
+        n_ret = round(fraction * n)
+        ret_keep = int(min(seq, max(1, round((budget - stream * (n - n_ret)) / max(n_ret, 1)))))
+    retrieval = {(c[2], c[3]) for c in candidates[:n_ret]}
+    masks = torch.zeros(n_layers, n_kv, seq, dtype=torch.bool)
+    for li in range(n_layers):
+        for j in range(n_kv):
+            if (li, j) in retrieval:
+                best = sorted(range(seq), key=lambda t: (float(scores[li][j, t]), t), reverse=True)[:ret_keep]
+                masks[li, j, best] = True
+            else:
+                masks[li, j] = torch.tensor([t < sinks or t >= seq - window for t in range(seq)])
+    return masks, retrieval
+
+
+@pytest.mark.parametrize("fraction", [None, 0.5])
+@pytest.mark.parametrize("ratio", [0.3, 0.6, 0.9])
+def test_duo_kept_sets(ratio, fraction):
+    gen = torch.Generator().manual_seed(2)
+    heads = torch.rand(4, 3, generator=gen)
+    heads[2, 1] = heads[0, 0]  # a tie: the earlier head ranks first
+    full_layers = [True, True, False, True]
+    seq, sinks, window = 200, 4, 20
+    scores = [torch.rand(3, seq, generator=gen) for _ in range(4)]
+    budget = DuoBudget(sinks=sinks, window=window, retrieval=fraction, heads=heads, full_layers=full_layers)
+    expected, retrieval = expected_duo_masks(heads, full_layers, seq, ratio, sinks, window, scores, fraction)
+    total = 0
+    for layer in (0, 1, 3):
+        got = budget.select(scores[layer][None], layer, 4, ratio)[0]  # (Hkv, T)
+        assert torch.equal(got, expected[layer])
+        total += int(got.sum())
+        assert budget.layer_keep(seq, layer, 4, ratio) == round(int(got.sum()) / 3)
+    streaming = [(li, j) for li in (0, 1, 3) for j in range(3) if (li, j) not in retrieval]
+    for li, j in streaming:  # exactly sinks + window
+        assert expected[li, j].nonzero().flatten().tolist() == [*range(sinks), *range(seq - window, seq)]
+    if fraction is None:
+        for li, j in retrieval:  # everything
+            assert expected[li, j].all()
+    uniform = 9 * (seq - math.floor(ratio * seq))
+    if fraction is not None:  # never above the uniform budget (beyond rounding); below if T caps the share
+        assert total <= uniform + 9
+    elif ratio < 0.85:  # the uniform budget, up to one head's rounding
+        assert abs(total - uniform) <= seq
+    else:  # no retrieval head left: streaming heads cannot go below sinks + window
+        assert not retrieval and total == 9 * (sinks + window)
+
+
+def test_duo_short_context_keeps_everything_and_bad_options():
+    budget = DuoBudget(sinks=4, window=20, heads=torch.rand(2, 2))
+    assert budget.select(torch.rand(1, 2, 24), 0, 2, 0.9).all()
+    with pytest.raises(KVTrimError, match="does not fit"):
+        budget.select(torch.rand(1, 3, 50), 0, 2, 0.5)
+    for options in (dict(window=0), dict(retrieval=1.5), dict(sinks=-1)):
+        with pytest.raises(KVTrimError):
+            DuoBudget(**options)
+
+
+def reference_logits(model, ids: list[int], seq: int, kept: torch.Tensor) -> torch.Tensor:
+    """Dense forward of context + question where, in layer l, question rows of query head h see only
+    the context positions kept[l, h // group] (explicit per-head softmax attention)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        _, n_heads, total, _ = query.shape  # (B, H, T, D)
+        group = n_heads // key.shape[1]
+        out = torch.zeros_like(query)
+        for h in range(n_heads):
+            allowed = torch.ones(total, total, dtype=torch.bool).tril()  # (T, T) causal
+            allowed[seq:, :seq] = kept[module.layer_idx, h // group]
+            logits = scaling * query[0, h] @ key[0, h // group].T
+            probs = torch.softmax(logits.masked_fill(~allowed, -math.inf), dim=-1)
+            out[0, h] = probs @ value[0, h // group]
+        return out.transpose(1, 2), None
+
+    AttentionInterface.register("duo_reference", attention)
+    AttentionMaskInterface.register("duo_reference", sdpa_mask)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("duo_reference")
+    try:
+        with torch.inference_mode():
+            return model(input_ids=torch.tensor([ids])).logits[0, seq:]
+    finally:
+        model.set_attn_implementation(previous)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "phi3"])
+@pytest.mark.parametrize("fraction", [None, 0.5])
+def test_duo_compress_attends_exactly_to_each_heads_kept_set(arch, fraction, tokenizer):
+    model = make_model(arch)
+    heads = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.3, 0.05]])
+    budget = DuoBudget(sinks=4, window=16, retrieval=fraction, heads=heads)
+    context = sample_text(160)
+    session = kvtrim.compress(model, tokenizer, context, method="knorm", ratio=0.5, budget=budget)
+    seq = session.context_length
+    views = views_for(model, tokenizer, context)
+    scores = [make_scorer("knorm").score(view)[0] for view in views]
+    kept, retrieval = expected_duo_masks(heads, [True] * 3, seq, 0.5, 4, 16, scores, fraction)
+    assert len(retrieval) == (3 if fraction else round((seq // 2 + seq % 2 - 20) / (seq - 20) * 6))
+    for layer, cache_layer in enumerate(session.cache.layers):
+        lengths = cache_layer.head_lengths() if isinstance(cache_layer, RaggedLayer) else [seq] * 2
+        assert lengths == kept[layer].sum(-1).tolist()
+        for j in range(2):  # each head holds exactly its kept pairs
+            held = (
+                cache_layer.head_keys[j][0]
+                if isinstance(cache_layer, RaggedLayer)
+                else cache_layer.keys[0, j]
+            )
+            assert torch.equal(held, views[layer].keys[0, j, kept[layer, j]])
+    ctx = encode(tokenizer, session.layout.context_text)
+    question = encode(tokenizer, session.layout.question_text("which?"))
+    expected = reference_logits(model, ctx + question, seq, kept)
+    with torch.inference_mode():
+        positions = torch.arange(seq, seq + len(question))[None]
+        got = model(input_ids=torch.tensor([question]), position_ids=positions, cache=session.cache).logits[0]
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert isinstance(session.ask("which?", max_new_tokens=3), str)
+
+
+def views_for(model, tokenizer, context: str):
+    """The views of a prefill of the same context (the scores duo ranks by). A prefill attends over
+    the whole context before evicting, so every layer's keys are those of the uncompressed one."""
+    from test_methods import Spy
+
+    spy = Spy()
+    kvtrim.compress(model, tokenizer, context, method=spy, ratio=0.5)
+    return spy.views
+
+
+def test_cli_ask_with_the_duo_budget(tmp_path, monkeypatch, tiny_dir):
+    monkeypatch.setenv("KVTRIM_CACHE_DIR", str(tmp_path / "cache"))
+    doc = tmp_path / "doc.txt"
+    doc.write_text(sample_text(450))
+    ask = ["ask", str(doc), "-q", "q?", "--model", tiny_dir, "--json", "--max-new-tokens", "2"]
+    result = run_cli(*ask, "--method", "streaming-llm", "--budget", "duo", "--ratio", "0.6")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["budget"] == "duo" and report["kv_tokens_after"] < report["kv_tokens_before"]
+    assert [p.name for p in (tmp_path / "cache").rglob("*.safetensors")] == ["duo_heads.safetensors"]
+    result = run_cli("calibrate", "--model", tiny_dir, "--what", "duo-heads", "--length", "300")
+    assert result.returncode == 0, result.stderr
+    assert "Duo head split (3, 2) saved" in result.stdout

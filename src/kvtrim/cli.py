@@ -45,7 +45,7 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
-CALIBRATIONS = ("qfilters", "query-stats", "all")
+CALIBRATIONS = ("qfilters", "query-stats", "duo-heads", "all")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=None,
         help="what to calibrate (repeatable; default: qfilters): "
-        "qfilters, query-stats (expected-attention-calibrated) or all",
+        "qfilters, query-stats (expected-attention-calibrated), duo-heads (--budget duo) or all",
     )
 
     _add_bench_parser(sub)
@@ -445,6 +445,11 @@ def _calibrate(args: argparse.Namespace) -> int:
     if "query-stats" in wanted:
         mean, _ = calibration.load_or_compute_query_stats(model, tokenizer, **sizes)
         print(f"Query statistics {tuple(mean.shape)} saved to {calibration.query_stats_path(model)}")
+    if "duo-heads" in wanted:
+        heads = calibration.load_or_compute_duo_heads(
+            model, tokenizer, texts=texts, refresh=True, seq_len=args.length
+        )
+        print(f"Duo head split {tuple(heads.shape)} saved to {calibration.duo_heads_path(model)}")
     return 0
 
 

@@ -100,7 +100,7 @@ class Compressor:
     def attached(self) -> Iterator[Compressor]:
         """Register the hooks; they are removed on exit, even if the body raises.
 
-        The scorer must be set up (``scorer.setup(model, tokenizer)``) before the first prefill.
+        The scorer and the budget must be set up (``.setup(model, tokenizer)``) before the first prefill.
         """
         try:
             for idx, attn in enumerate(self._attentions):
@@ -303,5 +303,6 @@ def compressing(
     scorer = make_scorer(method, **options)
     compressor = Compressor(model, scorer, ratio, seed=seed, budget=budget)
     scorer.setup(model, tokenizer)
+    compressor.budget.setup(model, tokenizer)
     with compressor.attached() as attached:
         yield attached

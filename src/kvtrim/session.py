@@ -216,6 +216,7 @@ def compress(
     compressor = Compressor(model, scorer, ratio, seed=seed, budget=policy)
     compressor.every_forward = chunk_size is not None
     scorer.setup(model, tokenizer)
+    compressor.budget.setup(model, tokenizer)
     device = next(model.parameters()).device
     cache = DynamicCache(config=text_config(model))
     step = chunk_size or len(ids)
