@@ -583,3 +583,17 @@ def test_cli_ask_with_the_duo_budget(tmp_path, monkeypatch, tiny_dir):
     result = run_cli("calibrate", "--model", tiny_dir, "--what", "duo-heads", "--length", "300")
     assert result.returncode == 0, result.stderr
     assert "Duo head split (3, 2) saved" in result.stdout
+
+
+def test_shared_prefill_scores_critical_per_ratio(tokenizer):
+    """critical's scores depend on the budget: each shared-prefill cell equals compressing alone."""
+    from kvtrim.shared_prefill import prefill_once
+
+    model = make_model("qwen3")
+    context = sample_text(240)
+    shared = prefill_once(model, tokenizer, context, ["critical"], [0.25, 0.75])
+    for ratio in (0.25, 0.75):
+        alone = kvtrim.compress(model, tokenizer, context, method="critical", ratio=ratio)
+        cell = shared.session("critical", ratio)
+        for a, b in zip(alone.cache.layers, cell.cache.layers, strict=True):
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)

@@ -10,6 +10,7 @@ price of one prefill (plus each scorer's own time).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -54,10 +55,17 @@ class _ScoreRecorder(Compressor):
                 if view is None:
                     positions = self._key_positions(idx, layer.keys, kwargs)
                     view = self._view(attn, idx, layer.keys, layer.values, kwargs, projected, positions)
-                scores = scorer.score(view)  # (B, Hkv, T)
+                if not scorer.uses_budget:
+                    scores = scorer.score(view)  # (B, Hkv, T)
                 self.score_s[name] += time.perf_counter() - start
             for ratio, keep in keeps.items():
-                chosen = top_indices(scores, keep) if keep < seq else None  # (B, Hkv, keep)
+                chosen = None
+                if keep < seq:
+                    start = time.perf_counter()
+                    if scorer.uses_budget:  # scores depend on the ratio's count: score each ratio
+                        scores = scorer.score(dataclasses.replace(view, budget_keep=keep))  # (B, Hkv, T)
+                    chosen = top_indices(scores, keep)  # (B, Hkv, keep)
+                    self.score_s[name] += time.perf_counter() - start
                 self.kept[(name, ratio)].append(chosen)
         self.stats.layers_compressed += 1
         self._account(layer, layer_bytes(layer), seq, seq)

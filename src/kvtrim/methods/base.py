@@ -97,6 +97,8 @@ class Scorer:
     evicts: ClassVar[bool] = True
     #: True when the scorer accepts per-head key positions (B, Hkv, T), as chunked prefill gives
     chunkable: ClassVar[bool] = False
+    #: True when the scores depend on ``LayerView.budget_keep`` (so a shared prefill rescores per ratio)
+    uses_budget: ClassVar[bool] = False
 
     def setup(self, model: torch.nn.Module, tokenizer: Any) -> None:
         """Prepare model-specific data once (e.g. calibration); default: nothing."""

@@ -55,6 +55,7 @@ class CriticalKV(Scorer):
     name = "critical"
     summary = "CriticalKV: half the budget by a base score (snapkv), the rest by score × ‖v·W_o‖₁."
     paper = "arXiv 2502.03805"
+    uses_budget = True
     base: str = "snapkv"
     base_options: dict[str, Any] = field(default_factory=dict)
     first_stage: float = 0.5
