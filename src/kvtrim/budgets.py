@@ -215,6 +215,7 @@ class DuoBudget(Budget):
         self.sinks, self.window, self.retrieval = int(sinks), int(window), retrieval
         self.heads: torch.Tensor | None = None  # (L, Hkv) retrieval scores
         self.rank: torch.Tensor | None = None  # (L, Hkv): 0 = most retrieval-like head
+        self.n_heads = 0  # KV heads of the full-attention layers, all layers together
         if heads is not None:
             self.set_heads(heads, full_layers)
 

@@ -59,13 +59,11 @@ class _ScoreRecorder(Compressor):
                     scores = scorer.score(view)  # (B, Hkv, T)
                 self.score_s[name] += time.perf_counter() - start
             for ratio, keep in keeps.items():
-                chosen = None
-                if keep < seq:
+                if keep < seq and scorer.uses_budget:  # scores depend on the ratio's count
                     start = time.perf_counter()
-                    if scorer.uses_budget:  # scores depend on the ratio's count: score each ratio
-                        scores = scorer.score(dataclasses.replace(view, budget_keep=keep))  # (B, Hkv, T)
-                    chosen = top_indices(scores, keep)  # (B, Hkv, keep)
+                    scores = scorer.score(dataclasses.replace(view, budget_keep=keep))  # (B, Hkv, T)
                     self.score_s[name] += time.perf_counter() - start
+                chosen = top_indices(scores, keep) if keep < seq else None  # (B, Hkv, keep)
                 self.kept[(name, ratio)].append(chosen)
         self.stats.layers_compressed += 1
         self._account(layer, layer_bytes(layer), seq, seq)
