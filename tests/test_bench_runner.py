@@ -368,3 +368,21 @@ def test_batched_runner_equals_one_by_one(llama, tok, tmp_path):
             expected = by_key[row_key(row)]
             for name in COMPARED:
                 assert row.get(name) == expected.get(name), (row_key(row), name)
+
+
+def test_duo_budget_and_critical_method_share_the_prefill(llama, tok, tmp_path, monkeypatch):
+    """A budget needing calibration (duo) and a scorer depending on the kept count (critical)
+    give the same rows from the shared prefill as compressing each cell alone."""
+    monkeypatch.setenv("KVTRIM_CACHE_DIR", str(tmp_path / "cache"))
+    config = small_config(
+        tasks=["passkey"], samples=1, methods=["critical", "streaming-llm"], budgets=["uniform", "duo"]
+    )
+    shared = run_bench(llama, tok, config, tmp_path / "shared", progress=False).rows
+    alone = {
+        row_key(r): r
+        for r in run_bench(llama, tok, config, tmp_path / "alone", share=False, progress=False).rows
+    }
+    assert len(shared) == 1 + 2 * 2
+    for row in shared:
+        for name in COMPARED:
+            assert row.get(name) == alone[row_key(row)].get(name), (row_key(row), name)

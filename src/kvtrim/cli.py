@@ -45,6 +45,9 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
+CALIBRATIONS = ("qfilters", "query-stats", "duo-heads", "all")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kvtrim.methods import METHODS
 
@@ -76,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default=None, help="hub id, local directory or .gguf (default: embedded SmolLM2)"
     )
 
-    cal = sub.add_parser("calibrate", help="compute and cache Q-Filters for a model, from local text")
+    cal = sub.add_parser(
+        "calibrate", help="compute and cache per-model calibration (Q-Filters, ...) from local text"
+    )
     cal.add_argument(
         "--model", default=None, help="hub id, local directory or .gguf (default: embedded SmolLM2)"
     )
@@ -88,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cal.add_argument("--sequences", type=_positive, default=20, help="number of calibration sequences")
     cal.add_argument("--length", type=_positive, default=2048, help="tokens per calibration sequence")
+    cal.add_argument(
+        "--what",
+        choices=CALIBRATIONS,
+        action="append",
+        default=None,
+        help="what to calibrate (repeatable; default: qfilters): "
+        "qfilters, query-stats (expected-attention-calibrated), duo-heads (--budget duo) or all",
+    )
 
     _add_bench_parser(sub)
     _add_report_parser(sub)
@@ -489,14 +502,25 @@ def _normalise(text: str) -> str:
 
 def _calibrate(args: argparse.Namespace) -> int:
     import kvtrim
-    from kvtrim.calibration import load_or_compute_qfilters, qfilters_path
+    from kvtrim import calibration
 
+    wanted = set(args.what or ["qfilters"])
+    if "all" in wanted:
+        wanted = set(CALIBRATIONS) - {"all"}
     texts = [_read_context(path) for path in args.text] if args.text else None
     model, tokenizer = kvtrim.load_model(args.model)
-    filters = load_or_compute_qfilters(
-        model, tokenizer, texts=texts, refresh=True, n_sequences=args.sequences, seq_len=args.length
-    )
-    print(f"Q-Filters {tuple(filters.shape)} saved to {qfilters_path(model)}")
+    sizes = dict(texts=texts, refresh=True, n_sequences=args.sequences, seq_len=args.length)
+    if "qfilters" in wanted:
+        filters = calibration.load_or_compute_qfilters(model, tokenizer, **sizes)
+        print(f"Q-Filters {tuple(filters.shape)} saved to {calibration.qfilters_path(model)}")
+    if "query-stats" in wanted:
+        mean, _ = calibration.load_or_compute_query_stats(model, tokenizer, **sizes)
+        print(f"Query statistics {tuple(mean.shape)} saved to {calibration.query_stats_path(model)}")
+    if "duo-heads" in wanted:
+        heads = calibration.load_or_compute_duo_heads(
+            model, tokenizer, texts=texts, refresh=True, seq_len=args.length
+        )
+        print(f"Duo head split {tuple(heads.shape)} saved to {calibration.duo_heads_path(model)}")
     return 0
 
 

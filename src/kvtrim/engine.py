@@ -191,7 +191,7 @@ class Compressor:
     def attached(self) -> Iterator[Compressor]:
         """Register the hooks; they are removed on exit, even if the body raises.
 
-        The scorer must be set up (``scorer.setup(model, tokenizer)``) before the first prefill.
+        The scorer and the budget must be set up (``.setup(model, tokenizer)``) before the first prefill.
         """
         try:
             for idx, attn in enumerate(self._attentions):
@@ -273,7 +273,17 @@ class Compressor:
             self._remember_positions(idx, keys, key_positions, None)
             return
         recent, positions = self._recent_queries[idx]
-        view = self._view(attn, idx, keys, values, kwargs, recent, key_positions, query_positions=positions)
+        view = self._view(
+            attn,
+            idx,
+            keys,
+            values,
+            kwargs,
+            recent,
+            key_positions,
+            positions,
+            budget_keep=self.decoding.target,
+        )
         chosen = top_indices(self.scorer.score(view), self.decoding.target)  # (B, Hkv, K)
         layer.keys = gather_positions(keys, chosen)
         layer.values = gather_positions(values, chosen)
@@ -429,9 +439,13 @@ class Compressor:
         projected: Any,
         key_positions: torch.Tensor,
         query_positions: torch.Tensor | None = None,
+        budget_keep: int | None = None,
     ) -> LayerView:
+        seq = keys.shape[-2]
         if query_positions is None:
-            query_positions = _query_positions(kwargs, keys.shape[-2], keys.device)
+            query_positions = _query_positions(kwargs, seq, keys.device)
+        if budget_keep is None:
+            budget_keep = self.budget.layer_keep(seq, idx, len(self._attentions), self.ratio)
         rope = rope_function(attn)
         rotary = rotary_for(self.model, attn)
 
@@ -458,6 +472,8 @@ class Compressor:
             pre_rope_queries=pre_rope_queries,
             rotate_fn=rotate,
             seed=self.seed,
+            output_weight=_output_weight(attn),
+            budget_keep=budget_keep,
             rope_key=rotary.layer_type,
             rotation_cache=_rotation_cache(rotary.rotary),
         )
@@ -499,6 +515,16 @@ def keep_selected(layer: Any, chosen: torch.Tensor) -> KeptLayer:
     layer.keys = gather_positions(keys, chosen)
     layer.values = gather_positions(values, chosen)
     return KeptLayer(layer, chosen, chosen.shape[-1])
+
+
+def _output_weight(attn: nn.Module) -> torch.Tensor | None:
+    """W_o split per query head, (H, D, hidden): a view of ``o_proj.weight``, no copy."""
+    proj = getattr(attn, "o_proj", None)
+    if proj is None:
+        return None
+    weight = proj.weight.detach()  # (hidden, H·D)
+    heads = attn.config.num_attention_heads
+    return weight.view(weight.shape[0], heads, attn.head_dim).permute(1, 2, 0)  # (H, D, hidden)
 
 
 def _rotation_cache(rotary: nn.Module) -> dict:
@@ -559,5 +585,6 @@ def compressing(
         model, scorer, ratio, seed=seed, budget=budget, decoding=decoding, key_channels=key_channels
     )
     scorer.setup(model, tokenizer)
+    compressor.budget.setup(model, tokenizer)
     with compressor.attached() as attached:
         yield attached

@@ -372,6 +372,7 @@ def compress(
         _reconstruction_prefiller(compressor, chunk_size) if scorer.needs_reconstruction else compressor
     )
     scorer.setup(model, tokenizer)
+    compressor.budget.setup(model, tokenizer)
     device = next(model.parameters()).device
     cache = DynamicCache(config=text_config(model))
     step = chunk_size or len(ids)

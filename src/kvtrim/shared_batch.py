@@ -122,6 +122,8 @@ def prefill_batch_once(
     ratio_list = [check_ratio(r) for r in ratios]
     for scorer in scorers.values():
         scorer.setup(model, tokenizer)
+    for policy in policies.values():
+        policy.setup(model, tokenizer)
     recorder = _ScoreRecorder(model, scorers, ratio_list, policies, seed)
     cache, padding, total = prefill_padded(model, tokenizer, recorder, [ids for _, ids in encoded])
     return SharedBatchPrefill(

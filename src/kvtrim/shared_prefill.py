@@ -11,6 +11,7 @@ price of one prefill (plus each scorer's own time).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -106,13 +107,20 @@ class _ScoreRecorder(Compressor):
                 start = time.perf_counter()
                 if view is None:
                     view = make_view()
-                scores = scorer.score(view)  # (B, Hkv, T)
+                if not scorer.uses_budget:
+                    scores = scorer.score(view)  # (B, Hkv, T)
                 self.score_s[name] += time.perf_counter() - start
             for (ratio, budget_name), evicts in evicting.items():
                 chosen = None
                 if evicts:
+                    budget = self.budgets[budget_name]
                     start = time.perf_counter()
-                    chosen = self.budgets[budget_name].select(scores, idx, n_layers, ratio)
+                    if scorer.uses_budget:  # its scores depend on the cell's kept count: rescore
+                        keep = budget.layer_keep(seq, idx, n_layers, ratio)
+                        scores = scorer.score(dataclasses.replace(view, budget_keep=keep))  # (B, Hkv, T)
+                        self.score_s[name] += time.perf_counter() - start
+                        start = time.perf_counter()
+                    chosen = budget.select(scores, idx, n_layers, ratio)
                     self.select_s[(name, ratio, budget_name)] += time.perf_counter() - start
                 choices[(name, ratio, budget_name)] = chosen
         return choices
@@ -239,6 +247,8 @@ def prefill_once(
         ragged.enable(model)
     for scorer in scorers.values():
         scorer.setup(model, tokenizer)
+    for policy in policies.values():
+        policy.setup(model, tokenizer)
     # Reconstruction scorers (KVzip) score after the prefill, from the full cache it leaves.
     in_prefill = {name: s for name, s in scorers.items() if not s.needs_reconstruction}
     recorder = _ScoreRecorder(model, in_prefill, ratio_list, policies, seed)

@@ -45,7 +45,7 @@ EXTRA_TASKS = ("perplexity", "needle_grid")
 DEFAULT_GRID_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 BASELINE = ("none", 0.0, "uniform")
 #: budgets a sweep can use: those decided by the ratio alone (``tokens`` / ``threshold`` ignore it)
-SWEEP_BUDGETS = ("uniform", "pyramid", "adaptive")
+SWEEP_BUDGETS = ("uniform", "pyramid", "adaptive", "duo")  # the budgets driven by a ratio
 
 Cell = tuple[str, float, str]  # (method, ratio, budget)
 Key = tuple[str, int, str, float, str]  # (task, sample index, method, ratio, budget)

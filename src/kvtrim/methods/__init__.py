@@ -7,8 +7,9 @@ from typing import Any
 from kvtrim.errors import KVTrimError
 from kvtrim.methods.base import LayerView, Scorer
 from kvtrim.methods.chunkkv import ChunkKV
+from kvtrim.methods.critical import CriticalKV
 from kvtrim.methods.cur import CUR
-from kvtrim.methods.expected_attention import ExpectedAttention
+from kvtrim.methods.expected_attention import ExpectedAttention, ExpectedAttentionCalibrated
 from kvtrim.methods.keydiff import KeyDiff
 from kvtrim.methods.kvzip import KVzip
 from kvtrim.methods.lagkv import LagKV
@@ -25,6 +26,7 @@ METHODS: dict[str, type[Scorer]] = {
         NoEviction,
         KNorm,
         ExpectedAttention,
+        ExpectedAttentionCalibrated,
         QFilters,
         RandomScorer,
         StreamingLLM,
@@ -38,6 +40,7 @@ METHODS: dict[str, type[Scorer]] = {
         Leverage,
         ChunkKV,
         KVzip,
+        CriticalKV,
     )
 }
 

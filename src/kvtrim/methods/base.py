@@ -23,6 +23,12 @@ class LayerView:
     key_positions: (T,) absolute position of every cached pair, or (B, Hkv, T) when earlier
         evictions (chunked prefill) left each head its own positions (``Scorer.chunkable``).
     query_positions: (Tq,) absolute positions of the tokens of the current forward (the last Tq keys).
+    output_weight: (H, D, hidden) the output projection split per query head, W_o^h, so that the
+        layer's output is Σ_h attn_h @ W_o^h; None when the engine cannot find it. Lets a scorer
+        judge a value by what it adds to the output (CriticalKV), not by its raw norm.
+    budget_keep: pairs per head the budget will keep in this layer (a mean for head-adaptive
+        budgets), or None when the budget has no fixed count (threshold). Lets a scorer rank in
+        stages relative to the budget (CriticalKV) without choosing the kept set itself.
     """
 
     layer_idx: int
@@ -36,6 +42,8 @@ class LayerView:
     pre_rope_queries: Callable[[], torch.Tensor]
     rotate_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     seed: int = 0
+    output_weight: torch.Tensor | None = None
+    budget_keep: int | None = None
     #: identifies the layer's RoPE (layers sharing it share rotations); None disables caching
     rope_key: Any = None
     #: shared across the layers of one compression, so R̄ is computed once, not once per layer
@@ -97,6 +105,8 @@ class Scorer:
     #: (KVzip's context reconstruction): the context is then prefilled without eviction and
     #: :mod:`kvtrim.reconstruction` scores and evicts afterwards (see ``reconstruction_inputs``)
     needs_reconstruction: ClassVar[bool] = False
+    #: True when the scores depend on ``LayerView.budget_keep`` (so a shared prefill rescores per ratio)
+    uses_budget: ClassVar[bool] = False
 
     def setup(self, model: torch.nn.Module, tokenizer: Any) -> None:
         """Prepare model-specific data once (e.g. calibration); default: nothing."""
