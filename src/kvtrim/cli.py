@@ -186,7 +186,7 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
         type=_csv(str),
         default=["uniform"],
         help="comma-separated budgets, each swept with every method and ratio: uniform, pyramid, "
-        "adaptive (default: uniform)",
+        "adaptive, duo (default: uniform)",
     )
     bench.add_argument("--seed", type=int, default=0, help="task generation and method seed (default 0)")
     bench.add_argument(
