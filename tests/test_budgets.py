@@ -18,6 +18,7 @@ from kvtrim.budgets import (
     make_budget,
     n_keep,
 )
+from kvtrim.cache import CacheSnapshot
 from kvtrim.methods.base import LayerView, Scorer
 from kvtrim.prompting import encode
 from kvtrim.ragged import RaggedLayer
@@ -161,3 +162,50 @@ def test_mask_rebuilt_for_a_layer_of_another_length():
     allowed = torch.arange(10)[None, :] <= 7 + torch.arange(3)[:, None]  # context visible, new causal
     expected = torch.softmax(logits.masked_fill(~allowed, -torch.inf), -1) @ value
     torch.testing.assert_close(out, expected.transpose(1, 2))
+
+
+def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window_size, enable_gqa):
+    """A plain CPU stand-in for ``torch.nn.attention.varlen.varlen_attn`` (the flash kernel runs
+    on CUDA only): each packed sequence attended on its own, GQA by repetition."""
+    assert window_size == (-1, -1) and enable_gqa  # one query token per sequence: no mask
+    out = []
+    for i in range(len(cu_q) - 1):
+        qs = q[cu_q[i] : cu_q[i + 1]].transpose(0, 1)  # (G, q, D)
+        ks = k[cu_k[i] : cu_k[i + 1]].transpose(0, 1).expand(qs.shape[0], -1, -1)  # (G, K, D)
+        vs = v[cu_k[i] : cu_k[i + 1]].transpose(0, 1).expand(qs.shape[0], -1, -1)
+        out.append(torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, scale=scale).transpose(0, 1))
+    return torch.cat(out)  # (Σq, G, D)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_varlen_packing_of_ragged_heads_equals_the_per_head_loop(arch, tokenizer, monkeypatch):
+    """The packed variable-length path (one kernel call for all heads, CUDA) gives the per-head
+    loop's decoding logits; the kernel is replaced by a plain reference so this runs on CPU."""
+    from kvtrim import ragged
+
+    model = make_model(arch)
+    session = kvtrim.compress(model, tokenizer, sample_text(200), "knorm", ratio=0.5, budget="adaptive")
+    assert len(set(session.cache.layers[0].head_lengths())) > 1
+    loop = session.answer("which?", max_new_tokens=6)
+    calls = []
+
+    def packed(query, key):
+        if query.shape[2] != 1:
+            return None  # multi-token forwards keep the loop, as on CUDA
+        calls.append(1)
+        return reference_varlen
+
+    monkeypatch.setattr(ragged, "_varlen_kernel_for", packed)
+    varlen = session.answer("which?", max_new_tokens=6)
+    assert calls and varlen.token_ids == loop.token_ids
+    # and the same logits for one decoding step
+    with torch.inference_mode():
+        start = session.context_length
+        step = dict(input_ids=torch.tensor([[5]]), position_ids=torch.tensor([[start]]))
+        snapshot = CacheSnapshot.take(session.cache)
+        got = model(**step, cache=session.cache).logits
+        snapshot.restore(session.cache)
+        monkeypatch.setattr(ragged, "_varlen_kernel_for", lambda query, key: None)
+        expected = model(**step, cache=session.cache).logits
+        snapshot.restore(session.cache)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -12,6 +12,7 @@ budgets such as pyramid): the layout is always [kept context | new tokens].
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,6 +162,9 @@ def kvtrim_attention(
             attention_mask = _suffix_causal_mask(query.shape[2], key.shape[-2], query.device)[None, None]
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     assert isinstance(value, RaggedKV)
+    kernel = _varlen_kernel_for(query, key)
+    if kernel is not None:
+        return ragged_varlen_attention(query, key, value, scaling, kernel), None
     n_kv = len(key.keys)
     group = query.shape[1] // n_kv
     q_len = query.shape[2]
@@ -177,6 +181,59 @@ def kvtrim_attention(
         )
     out = torch.cat(outputs, dim=1)  # (B, H, q, D)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _varlen_kernel_for(query: torch.Tensor, key: RaggedKV) -> Callable | None:
+    """torch's variable-length flash kernel when it can run here, else None (the per-head loop).
+
+    Used for decoding steps (one query token, which sees every cached pair, so no causal mask and
+    no question of how a kernel aligns it) on CUDA in half precision with B = 1 and full-width
+    keys; multi-token forwards, CPU, float32 and ThinK's pruned keys take the loop.
+    """
+    if not (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)):
+        return None
+    if key.channels is not None or query.shape[0] != 1 or query.shape[2] != 1:
+        return None
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def ragged_varlen_attention(
+    query: torch.Tensor, key: RaggedKV, value: RaggedKV, scaling: float | None, kernel: Callable
+) -> torch.Tensor:
+    """Every kv-head of a ragged layer in one variable-length attention call (B = 1).
+
+    Each kv-head is one sequence of a packed batch: its G query heads (GQA inside the kernel) over
+    its own K_h pairs. For one query token (decoding) no mask is needed; longer queries are
+    causal aligned bottom-right (flash-attention's convention), the [kept | new] suffix layout.
+    ``kernel`` has the signature of ``torch.nn.attention.varlen.varlen_attn``.
+    query: (1, H, q, D) -> (1, q, H, D), like sdpa's output after its transpose.
+    """
+    _, n_heads, q_len, dim = query.shape
+    n_kv = len(key.keys)
+    group = n_heads // n_kv
+    packed_q = query[0].reshape(n_kv, group, q_len, dim).transpose(1, 2).reshape(n_kv * q_len, group, dim)
+    packed_k = torch.cat([k[0] for k in key.keys])[:, None]  # (ΣK_h, 1, D)
+    packed_v = torch.cat([v[0] for v in value.values])[:, None]  # (ΣK_h, 1, Dv)
+    lengths = torch.tensor([k.shape[1] for k in key.keys], device=query.device)  # (Hkv,)
+    cu_k = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)  # (Hkv + 1,)
+    cu_q = torch.arange(0, (n_kv + 1) * q_len, q_len, device=query.device, dtype=torch.int32)
+    out = kernel(
+        packed_q,  # (Hkv·q, G, D): row h·q + t is head h's query at t
+        packed_k,
+        packed_v,
+        cu_q,
+        cu_k,
+        q_len,
+        int(lengths.max()),
+        scale=scaling,
+        window_size=(-1, -1) if q_len == 1 else (-1, 0),
+        enable_gqa=True,
+    )  # (Hkv·q, G, Dv)
+    return out.reshape(n_kv, q_len, group, -1).transpose(0, 1).reshape(1, q_len, n_heads, -1)
 
 
 def register() -> None:
