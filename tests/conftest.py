@@ -110,3 +110,30 @@ def sample_text(n_chars: int, seed: int = 0) -> str:
     while sum(len(w) + 1 for w in out) < n_chars:
         out.append(words[int(torch.randint(len(words), (1,), generator=gen))])
     return " ".join(out)[:n_chars]
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread (and do not stall when other processes load the CPUs);
+    a module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def isolated_cache(tmp_path_factory):
+    """A fresh kvtrim cache dir (calibrations) for one test module: nothing leaks between runs."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KVTRIM_CACHE_DIR", str(tmp_path_factory.mktemp("kvtrim-cache")))
+        yield
+
+
+def close(got: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-4, atol: float = 1e-7) -> None:
+    """Same shape, same infinite entries, finite entries equal within tolerance."""
+    got, expected = got.double(), expected.double()
+    assert got.shape == expected.shape
+    assert torch.equal(torch.isinf(got), torch.isinf(expected))
+    finite = torch.isfinite(expected)
+    torch.testing.assert_close(got[finite], expected[finite], rtol=rtol, atol=atol)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer, sample_text
+from conftest import make_model, sample_text
 
 import kvtrim
 from kvtrim.errors import KVTrimError
@@ -14,16 +14,7 @@ CONTEXTS = [sample_text(170, seed=1), sample_text(45, seed=2), sample_text(110, 
 QUESTIONS = ["Which word comes first?", "What?", "Name a river."]
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return make_tokenizer()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def calibration_dir(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("KVTRIM_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-        yield
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def assert_same_as_alone(model, tokenizer, method, ratio, **kwargs):

@@ -32,13 +32,7 @@ from kvtrim.session import greedy_decode, stop_token_ids
 COMPARED = ("prediction", "score", "kv_bytes_after", "kv_tokens_after", "kv_bytes_before", "nll", "n_tokens")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not stall when other processes load the CPUs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer, sample_text
+from conftest import make_model, sample_text
 
 import kvtrim
 from kvtrim.cache import layer_tokens
@@ -14,16 +14,7 @@ from kvtrim.methods.simple import StreamingLLM
 DECODING_METHODS = ["knorm", "expected-attention", "qfilters", "streaming-llm"]
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return make_tokenizer()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def calibration_dir(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("KVTRIM_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-        yield
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def record_sizes(model: torch.nn.Module) -> tuple[list[list[int]], object]:

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer, sample_text
+from conftest import close, make_model, make_tokenizer, sample_text
 from test_methods import capture_views
 
 import kvtrim
@@ -38,15 +38,6 @@ def last_view(arch: str, n_chars: int = 120) -> LayerView:
     view = views_of(arch, n_chars)[1][-1]
     assert torch.equal(view.query_positions, view.key_positions)  # a prefill: Tq = T, positions 0..T-1
     return view
-
-
-def close(got: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-4, atol: float = 1e-7) -> None:
-    """Same shape, same infinite entries, finite entries equal within tolerance."""
-    got, expected = got.double(), expected.double()
-    assert got.shape == expected.shape
-    assert torch.equal(torch.isinf(got), torch.isinf(expected))
-    finite = torch.isfinite(expected)
-    torch.testing.assert_close(got[finite], expected[finite], rtol=rtol, atol=atol)
 
 
 # ---------------------------------------------------------------- slow references

@@ -42,12 +42,7 @@ AttentionInterface.register(CAPTURE, _capture_attention)
 AttentionMaskInterface.register(CAPTURE, sdpa_mask)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def slow_kvzip(

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer, sample_text
+from conftest import close, make_model, make_tokenizer, sample_text
 from test_methods import capture_views
 
 import kvtrim
@@ -25,15 +25,6 @@ from kvtrim.prompting import encode
 from kvtrim.ragged import RaggedLayer
 
 views_of = functools.cache(capture_views)  # the views are only read: build each model once
-
-
-def close(got: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-4, atol: float = 1e-7) -> None:
-    """Same shape, same infinite entries, finite entries equal within tolerance."""
-    got, expected = got.double(), expected.double()
-    assert got.shape == expected.shape
-    assert torch.equal(torch.isinf(got), torch.isinf(expected))
-    finite = torch.isfinite(expected)
-    torch.testing.assert_close(got[finite], expected[finite], rtol=rtol, atol=atol)
 
 
 # ---------------------------------------------------------------- expected attention, calibrated

@@ -44,12 +44,7 @@ AttentionInterface.register(ZEROED, _zero_query_channels)
 AttentionMaskInterface.register(ZEROED, sdpa_mask)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def slow_channel_scores(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -70,18 +71,42 @@ def load_or_compute_qfilters(
     model: nn.Module, tokenizer: Any, texts: list[str] | None = None, refresh: bool = False, **kwargs: Any
 ) -> torch.Tensor:
     """Filters (L, Hkv, D) from the disk cache, computing and saving them first if absent."""
-    path = qfilters_path(model)
-    if path.is_file() and not refresh and texts is None:
-        return load_file(str(path))["filters"]
+    stored = _load_or_compute(
+        qfilters_path(model),
+        QFILTERS_VERSION,
+        "Q-Filters",
+        "kvtrim calibrate",
+        lambda corpus: {"filters": compute_qfilters(model, tokenizer, corpus, **kwargs)},
+        tokenizer,
+        texts,
+        refresh,
+    )
+    return stored["filters"]
+
+
+def _load_or_compute(
+    path: Path,
+    version: int,
+    what: str,
+    command: str,
+    compute: Callable[[list[str]], dict[str, torch.Tensor]],
+    tokenizer: Any,
+    texts: list[str] | None,
+    refresh: bool,
+) -> dict[str, torch.Tensor]:
+    """The tensors saved at ``path`` by this ``version`` of a calibration; otherwise computed from
+    ``texts`` (the bundled prose by default), saved, and returned. Given texts are never cached
+    over the default corpus's file, so they are always computed."""
+    stored = None if refresh or texts is not None else _load_versioned(path, version)
+    if stored is not None:
+        return stored
     if tokenizer is None:
-        raise KVTrimError(
-            "Q-Filters need calibration for this model: pass the tokenizer (or run `kvtrim calibrate`)."
-        )
-    print(f"kvtrim: calibrating Q-Filters for this model (once; cached in {path.parent})", file=sys.stderr)
-    filters = compute_qfilters(model, tokenizer, texts or bundled_texts(), **kwargs)
+        raise KVTrimError(f"{what} need calibration for this model: pass the tokenizer (or run `{command}`).")
+    print(f"kvtrim: calibrating {what} for this model (once; cached in {path.parent})", file=sys.stderr)
+    tensors = compute(texts or bundled_texts())
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"filters": filters.contiguous()}, str(path), metadata={"version": str(QFILTERS_VERSION)})
-    return filters
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"version": str(version)})
+    return tensors
 
 
 def calibration_sequences(
@@ -188,24 +213,22 @@ def load_or_compute_query_stats(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean (L, H, D), covariance (L, H, D, D)) from the disk cache, computed and saved first if
     absent or written by another version of the computation."""
-    path = query_stats_path(model)
-    stored = None if refresh or texts is not None else _load_versioned(path, QUERY_STATS_VERSION)
-    if stored is not None:
-        return stored["mean"], stored["cov"]
-    if tokenizer is None:
-        raise KVTrimError(
-            "Calibrated query statistics are missing for this model: pass the tokenizer "
-            "(or run `kvtrim calibrate --query-stats`)."
-        )
-    print(f"kvtrim: calibrating query statistics (once; cached in {path.parent})", file=sys.stderr)
-    mean, cov = compute_query_stats(model, tokenizer, texts or bundled_texts(), **kwargs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {"mean": mean.contiguous(), "cov": cov.contiguous()},
-        str(path),
-        metadata={"version": str(QUERY_STATS_VERSION)},
+
+    def compute(corpus: list[str]) -> dict[str, torch.Tensor]:
+        mean, cov = compute_query_stats(model, tokenizer, corpus, **kwargs)
+        return {"mean": mean, "cov": cov}
+
+    stored = _load_or_compute(
+        query_stats_path(model),
+        QUERY_STATS_VERSION,
+        "Query statistics",
+        "kvtrim calibrate --what query-stats",
+        compute,
+        tokenizer,
+        texts,
+        refresh,
     )
-    return mean, cov
+    return stored["mean"], stored["cov"]
 
 
 @torch.inference_mode()
@@ -269,23 +292,17 @@ def load_or_compute_duo_heads(
     model: nn.Module, tokenizer: Any, texts: list[str] | None = None, refresh: bool = False, **kwargs: Any
 ) -> torch.Tensor:
     """Retrieval scores (L, Hkv) from the disk cache, computed and saved first if absent or stale."""
-    path = duo_heads_path(model)
-    stored = None if refresh or texts is not None else _load_versioned(path, DUO_VERSION)
-    if stored is not None:
-        return stored["retrieval"]
-    if tokenizer is None:
-        raise KVTrimError(
-            "The duo budget needs this model's head split: pass the tokenizer "
-            "(or run `kvtrim calibrate --what duo-heads`)."
-        )
-    print(
-        f"kvtrim: calibrating the retrieval/streaming head split (once; cached in {path.parent})",
-        file=sys.stderr,
+    stored = _load_or_compute(
+        duo_heads_path(model),
+        DUO_VERSION,
+        "Duo head splits",
+        "kvtrim calibrate --what duo-heads",
+        lambda corpus: {"retrieval": compute_duo_heads(model, tokenizer, corpus, **kwargs)},
+        tokenizer,
+        texts,
+        refresh,
     )
-    retrieval = compute_duo_heads(model, tokenizer, texts or bundled_texts(), **kwargs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"retrieval": retrieval.contiguous()}, str(path), metadata={"version": str(DUO_VERSION)})
-    return retrieval
+    return stored["retrieval"]
 
 
 def passkey_prompt(
