@@ -580,9 +580,10 @@ def compressing(
             f"Method {scorer.name!r} scores a context with extra forwards after its prefill, which "
             "generate() does not allow; use kvtrim.compress(model, tokenizer, context, ...) instead."
         )
-    decoding = decoding_schedule(scorer, make_budget(budget), decode_budget, evict_every)
+    policy = make_budget(budget)  # one policy object: the schedule check and the compressor share it
+    decoding = decoding_schedule(scorer, policy, decode_budget, evict_every)
     compressor = Compressor(
-        model, scorer, ratio, seed=seed, budget=budget, decoding=decoding, key_channels=key_channels
+        model, scorer, ratio, seed=seed, budget=policy, decoding=decoding, key_channels=key_channels
     )
     scorer.setup(model, tokenizer)
     compressor.budget.setup(model, tokenizer)
