@@ -235,25 +235,28 @@ def test_budget_rows_shared_equal_separate_and_old_folders_resume(llama, tok, tm
 
 
 class QueryAwareKNorm(KNorm):
-    query_aware = True  # pretends to need the question: must not share the prefill
+    query_aware = True  # pretends to need the question: cannot share the question-agnostic prefill
 
 
-def test_query_aware_methods_get_their_own_prefill_with_the_question(
+def test_query_aware_methods_share_a_prefill_of_their_own_with_the_question(
     reference, llama, tok, tmp_path, monkeypatch
 ):
     monkeypatch.setitem(METHODS, "knorm", QueryAwareKNorm)
     config = small_config(tasks=["passkey", "perplexity"], methods=["knorm", "expected-attention"])
+    config.ratios = [0.0, 0.5, 0.75]
     rows = run_bench(llama, tok, config, tmp_path, progress=False).rows
     assert not any(r["method"] == "knorm" and r["task"] == "perplexity" for r in rows)  # no question
-    assert len(rows) == 2 * 3 + 2 * 2
+    assert len(rows) == 2 * 5 + 2 * 3
     for row in rows:
-        ref = reference[row_key(row)]
-        assert row["shared_prefill"] == (row["method"] != "knorm")
-        assert row["prefill_cells"] == (1 if row["method"] == "knorm" else 2)
+        assert row["shared_prefill"]
+        # per sample: knorm's 2 cells on [context | question], the others' on the context alone
+        assert row["prefill_cells"] == (2 if row["method"] == "knorm" else 3)
+        ref = reference.get(row_key(row))
         if row["method"] == "knorm":  # the question was prefilled (and compressed) with the context
-            assert row["context_tokens"] > ref["context_tokens"]
-            assert row["kv_tokens_before"] > ref["kv_tokens_before"]
-        else:
+            alone = reference[(row["task"], row["index"], "expected-attention", 0.5, "uniform")]
+            assert row["context_tokens"] > alone["context_tokens"]
+            assert row["kv_tokens_before"] > alone["kv_tokens_before"]
+        elif ref is not None:
             for name in COMPARED:
                 assert row.get(name) == ref.get(name)
 
@@ -267,7 +270,6 @@ def test_snapkv_query_aware_rows_are_labelled_and_answer_as_a_manual_prefill(lla
     labels = {(r["task"], r["method"]) for r in rows}
     assert labels == {("passkey", "snapkv"), ("passkey", "snapkv-query-aware"), ("perplexity", "snapkv")}
     row = next(r for r in rows if r["method"] == "snapkv-query-aware")
-    assert not row["shared_prefill"]
     # the reference: prefill [context | question] compressed by snapkv in one forward, decode greedily
     sample = build_samples(config, tok)["passkey"][0]
     layout = layout_for(tok, sample.context, True)

@@ -117,6 +117,7 @@ def test_stdin_context(tiny_dir):
         ["--budget-tokens", "40", "--chunk", "32"],
         ["--threshold", "-1.0"],
         ["--budget", "pyramid"],
+        ["--budget", "adaptive:alpha=0.5"],
     ],
 )
 def test_budget_flags(tmp_path, tiny_dir, flags):
@@ -149,6 +150,8 @@ def test_budget_flag_errors(tmp_path):
     _assert_user_error(
         run("ask", str(doc), "-q", "q?", "--budget", "adaptive", "--threshold", "1"), "--threshold"
     )
+    _assert_user_error(run("ask", str(doc), "-q", "q?", "--budget", "flat"), "Unknown budget 'flat'")
+    _assert_user_error(run("ask", str(doc), "-q", "q?", "--budget", "adaptive:beta=2"), "Bad option")
 
 
 def test_decode_budget_flags(tmp_path, tiny_dir):

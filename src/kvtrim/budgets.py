@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from kvtrim.errors import KVTrimError
+from kvtrim.specs import parse_spec
 
 
 def check_ratio(ratio: float) -> float:
@@ -296,10 +297,13 @@ BUDGETS: dict[str, type[Budget]] = {
 }
 
 
-def make_budget(budget: str | Budget = "uniform", **options: float) -> Budget:
-    """Build a budget policy from its name and options (or pass a ready one through)."""
+def make_budget(budget: str | Budget = "uniform", **options: Any) -> Budget:
+    """Build a budget policy from its name and options (or pass a ready one through); the name may
+    carry options itself (:mod:`kvtrim.specs`): ``adaptive:alpha=0.1``."""
     if isinstance(budget, Budget):
         return budget
+    budget, spec_options = parse_spec(budget)
+    options = {**spec_options, **options}
     cls = BUDGETS.get(budget)
     if cls is None:
         raise KVTrimError(f"Unknown budget {budget!r}. Available: {', '.join(BUDGETS)}.")

@@ -173,7 +173,8 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
         "--methods",
         type=_csv(str),
         default=["knorm", "expected-attention", "qfilters"],
-        help="comma-separated methods (default: knorm,expected-attention,qfilters)",
+        help="comma-separated methods, each with options if wanted (name:key=value, e.g. "
+        "expected-attention:epsilon=0.01) (default: knorm,expected-attention,qfilters)",
     )
     bench.add_argument(
         "--ratios",
@@ -186,7 +187,7 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
         type=_csv(str),
         default=["uniform"],
         help="comma-separated budgets, each swept with every method and ratio: uniform, pyramid, "
-        "adaptive, duo (default: uniform)",
+        "adaptive, duo, options as for methods (adaptive:alpha=0.1) (default: uniform)",
     )
     bench.add_argument("--seed", type=int, default=0, help="task generation and method seed (default 0)")
     bench.add_argument(
@@ -206,6 +207,13 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
         type=_positive,
         default=1,
         help="answer up to N samples of a task in one left-padded batch (uniform/tokens budgets; default 1)",
+    )
+    bench.add_argument(
+        "--cell-batch",
+        type=_positive,
+        default=1,
+        help="answer up to N cells (method x ratio x budget) of a sample in one batch: same rows up "
+        "to float rounding, several times faster (default 1: one by one)",
     )
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
     bench.add_argument("--haystack", default=None, help="prose file replacing the bundled essays")
@@ -281,8 +289,8 @@ def _add_budget_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--budget",
         default=None,
-        choices=list(BUDGETS),
-        help="how many pairs each layer and head keeps (default uniform; see `kvtrim methods`)",
+        help=f"how many pairs each layer and head keeps: {', '.join(BUDGETS)}, options as name:key=value "
+        "(default uniform; see `kvtrim methods`)",
     )
     parser.add_argument(
         "--budget-tokens",
@@ -322,19 +330,24 @@ def _add_budget_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _budget_kwargs(args: argparse.Namespace) -> dict:
     """The compress() keywords that the budget flags ask for."""
+    from kvtrim.budgets import make_budget
+    from kvtrim.specs import parse_spec
+
     budget, options = args.budget, {}
+    name = parse_spec(budget)[0] if budget else None
     if args.budget_tokens is not None:
-        if budget not in (None, "tokens"):
+        if name not in (None, "tokens"):
             raise KVTrimError("--budget-tokens goes with --budget tokens (or no --budget).")
         budget, options = "tokens", {"tokens": args.budget_tokens}
     if args.threshold is not None:
-        if budget not in (None, "threshold"):
+        if name not in (None, "threshold"):
             raise KVTrimError("--threshold goes with --budget threshold (or no --budget).")
         budget, options = "threshold", {"threshold": args.threshold}
     if budget in ("tokens", "threshold") and not options:
         raise KVTrimError(
             f"--budget {budget} needs --{'budget-tokens' if budget == 'tokens' else 'threshold'}."
         )
+    make_budget(budget or "uniform", **options)  # an unknown budget or option fails before loading
     from kvtrim.channels import check_channel_ratio
 
     return {
@@ -360,6 +373,8 @@ def _methods() -> int:
         print(f"  {name:<{width}}  {cls.summary}  [{cls.paper}]")
     print("\nKey channels (--key-channels R): prune that fraction of each layer's key channels too")
     print("  ThinK: keep the channels with the largest query·key magnitude  [arXiv 2407.21018]")
+    print("\nOptions ride on the name, name:key=value[:key=value...], wherever a method or budget is")
+    print("named: e.g. expected-attention:epsilon=0.01, critical:base=knorm, adaptive:alpha=0.1.")
     return 0
 
 
@@ -593,6 +608,7 @@ def _bench(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         samples=samples,
         batch_size=args.batch_size,
+        cell_batch=args.cell_batch,
     )
     print(summary_markdown(summary.rows, f"kvtrim bench — {Path(args.out).name}"))
     print(

@@ -24,6 +24,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kvtrim.channels import PrunedKeys, select_channels, select_query_channels
+from kvtrim.masked import MaskedKV, masked_heads_attention
 
 ATTENTION_NAME = "kvtrim_sdpa"
 
@@ -148,12 +149,15 @@ def kvtrim_attention(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """``sdpa`` that also understands ragged heads and per-layer cache lengths.
+    """``sdpa`` that also understands ragged heads, per-layer cache lengths and cell batches.
 
     query: (B, H, q, D). Returns (B, q, H, D) like transformers' sdpa. Keys stored on a subset of
     their channels (:class:`~kvtrim.channels.PrunedKeys`, or a ragged layer's ``channels``) meet
     the same channels of the query: q·k over the kept channels, scaled as the full head would be.
     """
+    if isinstance(key, MaskedKV):  # a batch of cells (kvtrim.cell_batch): its own per-head mask
+        assert isinstance(value, MaskedKV)
+        return masked_heads_attention(query, key, value, scaling), None
     if isinstance(key, PrunedKeys):
         query = select_query_channels(query, key.channels)  # (B, H, q, Dk)
         key = key.keys  # (B, Hkv, T, Dk)

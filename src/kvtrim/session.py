@@ -81,11 +81,14 @@ class Session:
         """
         return self.answer(question, max_new_tokens=max_new_tokens, answer_prefix=answer_prefix).text
 
-    @torch.inference_mode()
-    def answer(
-        self, question: str | None = None, max_new_tokens: int = 64, answer_prefix: str = ""
-    ) -> Answer:
-        """Like :meth:`ask`, returning token ids and timing as well."""
+    def prompt_ids(
+        self, question: str | None, max_new_tokens: int, answer_prefix: str = ""
+    ) -> tuple[str, list[int]]:
+        """The question answered and the tokens fed after the compressed cache before decoding.
+
+        A query-aware session holds its question already: only the template's closing and the
+        answer prefix follow. Refuses an empty question and a prompt beyond the model's window.
+        """
         if max_new_tokens < 1:
             raise KVTrimError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if self.question is not None:
@@ -112,6 +115,14 @@ class Session:
                 f"Context ({self.context_length}) + question ({len(ids)}) + max_new_tokens "
                 f"({max_new_tokens}) tokens exceed the model's window of {limit} tokens."
             )
+        return question, ids
+
+    @torch.inference_mode()
+    def answer(
+        self, question: str | None = None, max_new_tokens: int = 64, answer_prefix: str = ""
+    ) -> Answer:
+        """Like :meth:`ask`, returning token ids and timing as well."""
+        question, ids = self.prompt_ids(question, max_new_tokens, answer_prefix)
         start = time.perf_counter()
         snapshot = CacheSnapshot.take(self.cache)
         evicting = self.compressor is not None and self.compressor.decoding is not None

@@ -143,6 +143,8 @@ class SharedPrefill:
     kept: dict[Cell, list[torch.Tensor | None]]
     score_s: dict[str, float] = field(default_factory=dict)
     select_s: dict[Cell, float] = field(default_factory=dict)
+    #: the question prefilled after the context (query-aware methods), or None
+    question: str | None = None
 
     def cells(self) -> list[Cell]:
         return list(self.kept)
@@ -181,6 +183,7 @@ class SharedPrefill:
             stats=stats,
             prefill_s=self.prefill_s,
             budget=budget,
+            question=self.question,
         )
 
 
@@ -198,8 +201,10 @@ def _budget_map(budgets: Iterable[str | Budget] | Mapping[str, Budget]) -> dict[
     return out
 
 
-def _scorer_map(methods: Iterable[str | Scorer] | Mapping[str, Scorer]) -> dict[str, Scorer]:
-    """Scorers keyed by name; query-aware ones are refused (they need the question)."""
+def _scorer_map(
+    methods: Iterable[str | Scorer] | Mapping[str, Scorer], question: str | None = None
+) -> dict[str, Scorer]:
+    """Scorers keyed by name; query-aware ones need the question, reconstruction ones refuse it."""
     if isinstance(methods, Mapping):
         scorers = dict(methods)
     else:
@@ -208,10 +213,12 @@ def _scorer_map(methods: Iterable[str | Scorer] | Mapping[str, Scorer]) -> dict[
             scorer = make_scorer(method)
             scorers[method if isinstance(method, str) else scorer.name] = scorer
     for name, scorer in scorers.items():
-        if scorer.query_aware:
+        if scorer.needs_reconstruction and question is not None:
+            raise KVTrimError(f"Method {name!r} reconstructs the context alone; it takes no question.")
+        if scorer.query_aware and question is None:
             raise KVTrimError(
                 f"Method {name!r} needs the question while compressing; it cannot share a "
-                "question-agnostic prefill (use kvtrim.compress(..., question=...))."
+                "question-agnostic prefill (pass question=...)."
             )
     return scorers
 
@@ -227,18 +234,21 @@ def prefill_once(
     budgets: Iterable[str | Budget] | Mapping[str, Budget] = ("uniform",),
     use_chat_template: bool | None = None,
     seed: int = 0,
+    question: str | None = None,
 ) -> SharedPrefill:
     """Prefill ``context`` once, scoring it with every method; see :class:`SharedPrefill`.
 
     ``methods`` are names (or scorers, keyed by their name) of question-agnostic methods;
     ``budgets`` names (or policies, keyed by their name) of budgets, each applied to every
     (method, ratio). Methods scoring by reconstruction (KVzip) run their reconstruction once, on
-    the full cache, for every ratio and budget.
+    the full cache, for every ratio and budget. ``question`` is prefilled after the context, as
+    ``compress(..., question=...)`` does: query-aware methods (``snapkv-query-aware``) then share
+    one prefill per question, and every session answers that question only.
     """
     from transformers import DynamicCache
 
-    layout, ids = encode_context(model, tokenizer, context, use_chat_template)
-    scorers = _scorer_map(methods)
+    layout, ids = encode_context(model, tokenizer, context, use_chat_template, question)
+    scorers = _scorer_map(methods, question)
     ratio_list = [check_ratio(r) for r in ratios]
     policies = _budget_map(budgets)
     if any(not isinstance(p, UniformBudget) for p in policies.values()):
@@ -283,6 +293,7 @@ def prefill_once(
         kept=kept,
         score_s=score_s,
         select_s=recorder.select_s,
+        question=question,
     )
 
 

@@ -19,6 +19,7 @@ from kvtrim.methods.qfilters import QFilters
 from kvtrim.methods.simple import KNorm, NoEviction, RandomScorer, StreamingLLM
 from kvtrim.methods.snapkv import SnapKV, SnapKVQueryAware
 from kvtrim.methods.tova import TOVA
+from kvtrim.specs import parse_spec
 
 METHODS: dict[str, type[Scorer]] = {
     cls.name: cls
@@ -46,11 +47,17 @@ METHODS: dict[str, type[Scorer]] = {
 
 
 def make_scorer(method: str | Scorer, **options: Any) -> Scorer:
-    """Build a scorer from its name and options (or pass a ready :class:`Scorer` through)."""
+    """Build a scorer from its name and options (or pass a ready :class:`Scorer` through).
+
+    The name may carry options itself (:mod:`kvtrim.specs`): ``expected-attention:epsilon=0.01``;
+    keyword options come on top of them.
+    """
     if isinstance(method, Scorer):
         if options:
             raise KVTrimError("Options cannot be given together with a ready Scorer instance.")
         return method
+    method, spec_options = parse_spec(method)
+    options = {**spec_options, **options}
     cls = METHODS.get(method)
     if cls is None:
         raise KVTrimError(
