@@ -223,9 +223,10 @@ def test_bench_cli_budgets_and_query_aware(tiny_dir, tmp_path, capsys):
         ("none", 0.0, "uniform", True),
         ("snapkv", 0.5, "uniform", True),
         ("snapkv", 0.5, "adaptive", True),
-        ("snapkv-query-aware", 0.5, "uniform", False),
-        ("snapkv-query-aware", 0.5, "adaptive", False),
+        ("snapkv-query-aware", 0.5, "uniform", True),  # a prefill of their own, question included
+        ("snapkv-query-aware", 0.5, "adaptive", True),
     }
+    assert {r["prefill_cells"] for r in rows if r["method"] == "snapkv-query-aware"} == {2}
     assert json.loads((out / "config.json").read_text())["budgets"] == ["uniform", "adaptive"]
     header = "| task | n | none | snapkv 0.5 | snapkv+adaptive 0.5 | snapkv-query-aware 0.5 | "
     assert header + "snapkv-query-aware+adaptive 0.5 |" in stdout

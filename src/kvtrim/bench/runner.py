@@ -736,7 +736,7 @@ def run_bench(
     ``batch_size=N`` answers up to N samples of a task together in one left-padded batch (same
     rows up to float rounding; cells a batch cannot hold run sample by sample). ``cell_batch=N``
     answers up to N cells of one sample together (:mod:`kvtrim.cell_batch`; same rows up to float
-    rounding, several times faster on a CPU).
+    rounding, 2-3x faster on a CPU: benchmarks/cell_batch_speed.py).
     """
     if batch_size < 1:
         raise KVTrimError(f"batch_size must be >= 1, got {batch_size}")
