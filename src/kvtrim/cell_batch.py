@@ -16,6 +16,7 @@ Rows that stop (stop token) leave the batch, so short answers do not pay for lon
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -134,8 +135,6 @@ def check_stackable(sessions: Sequence[Session]) -> None:
 
 def stack_caches(sessions: Sequence[Session], room: int) -> Any:
     """One cache whose row b holds session b's kept pairs (see the module docstring)."""
-    import copy
-
     cache = copy.copy(sessions[0].cache)
     cache.layers = [
         HeadMaskedLayer.stack([_head_pairs(s.cache.layers[idx]) for s in sessions], room)
@@ -165,7 +164,6 @@ def answer_cells(
     cache = stack_caches(sessions, room=len(ids) + max_new_tokens)  # copies: sessions stay as they are
     stop_ids = stop_token_ids(model, tokenizer)
     generated = _decode_rows(model, cache, ids, first.context_length, max_new_tokens, stop_ids, len(sessions))
-    del cache
     share = (time.perf_counter() - start) / len(sessions)
     return [
         Answer(question, tokenizer.decode(tokens, skip_special_tokens=True).strip(), tokens, share)

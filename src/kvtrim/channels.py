@@ -30,6 +30,7 @@ from transformers.cache_utils import DynamicLayer
 
 from kvtrim.budgets import top_indices
 from kvtrim.errors import KVTrimError
+from kvtrim.masked import KeysStandIn
 
 
 def check_channel_ratio(ratio: float) -> float:
@@ -81,24 +82,11 @@ def select_query_channels(query: torch.Tensor, channels: torch.Tensor) -> torch.
 
 
 @dataclass
-class PrunedKeys:
+class PrunedKeys(KeysStandIn):
     """What a channel-pruned layer hands to attention: keys (B, Hkv, T, Dk) and their channels."""
 
     keys: torch.Tensor
     channels: torch.Tensor  # (B, Hkv, Dk)
-
-    # The attention modules only pass these along; a few read the shape or device.
-    @property
-    def shape(self) -> torch.Size:
-        return self.keys.shape
-
-    @property
-    def device(self) -> torch.device:
-        return self.keys.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.keys.dtype
 
 
 class ChannelPrunedLayer(DynamicLayer):

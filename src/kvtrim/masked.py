@@ -11,18 +11,15 @@ from dataclasses import dataclass
 import torch
 
 
-@dataclass
-class MaskedKV:
-    """Dense keys/values of a batch of cells with the slots each (row, head) may attend to.
+class KeysStandIn:
+    """What a cache layer hands to attention in place of a key tensor (``self.keys`` inside).
 
-    keys, values: (B, Hkv, L, D); visible: (B, Hkv, L) bool.
+    The attention modules only pass it along to kvtrim's attention function; a few read its
+    shape, device or dtype, which are the inner keys'.
     """
 
     keys: torch.Tensor
-    values: torch.Tensor
-    visible: torch.Tensor
 
-    # The attention modules only pass these along; a few read the shape or device.
     @property
     def shape(self) -> torch.Size:
         return self.keys.shape
@@ -34,6 +31,18 @@ class MaskedKV:
     @property
     def dtype(self) -> torch.dtype:
         return self.keys.dtype
+
+
+@dataclass
+class MaskedKV(KeysStandIn):
+    """Dense keys/values of a batch of cells with the slots each (row, head) may attend to.
+
+    keys, values: (B, Hkv, L, D); visible: (B, Hkv, L) bool.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    visible: torch.Tensor
 
 
 def masked_heads_attention(
