@@ -14,7 +14,7 @@ import json
 import statistics
 
 import kvtrim
-from kvtrim.bench.needle import needle_sample
+from kvtrim.bench.tasks.needle import needle_sample
 
 METHODS = ("none", "knorm", "expected-attention", "qfilters", "streaming-llm", "random")
 

@@ -34,10 +34,11 @@ def run_cell(length: int, ratio: float, mode: str, method: str, chunk: int, deco
     import torch
 
     import kvtrim
-    from kvtrim.bench.needle import needle_sample
-    from kvtrim.budgets import n_keep
+    from kvtrim.bench.tasks.needle import needle_sample
+    from kvtrim.core.ratios import n_keep
+    from kvtrim.generation import greedy_decode
     from kvtrim.models import max_context
-    from kvtrim.session import encode_context, greedy_decode
+    from kvtrim.models.prompting import encode_context
 
     torch.manual_seed(0)
     model, tokenizer = kvtrim.load_model()

@@ -15,10 +15,11 @@ import argparse
 import torch
 
 import kvtrim
-from kvtrim.bench.runner import BenchConfig, build_samples
-from kvtrim.methods import make_scorer
-from kvtrim.session import encode_context
-from kvtrim.shared_prefill import prefill_once
+from kvtrim.bench.config import BenchConfig
+from kvtrim.bench.samples import build_samples
+from kvtrim.models.prompting import encode_context
+from kvtrim.scorers import make_scorer
+from kvtrim.strategies.shared_prefill import prefill_once
 
 
 def value_positions(tokenizer, ids: list[int], value: str) -> list[int]:

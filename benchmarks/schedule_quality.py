@@ -31,8 +31,9 @@ def main() -> None:
     args = parser.parse_args()
 
     import kvtrim
-    from kvtrim.bench.needle import needle_sample
-    from kvtrim.budgets import n_keep
+    from kvtrim.bench.tasks.needle import needle_sample
+    from kvtrim.core.ratios import n_keep
+    from kvtrim.models import encode_context
 
     model, tokenizer = kvtrim.load_model()
     samples = [needle_sample(tokenizer, args.length, depth, seed=i) for i, depth in enumerate(DEPTHS)]
@@ -48,7 +49,7 @@ def main() -> None:
             start = time.perf_counter()
             hits = []
             for sample in samples:
-                n_tokens = len(kvtrim.session.encode_context(model, tokenizer, sample.context, None)[1])
+                n_tokens = len(encode_context(model, tokenizer, sample.context, None)[1])
                 session = kvtrim.compress(
                     model, tokenizer, sample.context, method, args.ratio, **options(n_tokens)
                 )

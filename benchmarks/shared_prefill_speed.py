@@ -16,7 +16,10 @@ import tempfile
 import time
 
 import kvtrim
-from kvtrim.bench.runner import BenchConfig, build_samples, resolve_tasks, row_key, run_bench
+from kvtrim.bench.config import BenchConfig, resolve_tasks
+from kvtrim.bench.results import row_key
+from kvtrim.bench.run import run_bench
+from kvtrim.bench.samples import build_samples
 
 COMPARED = ("prediction", "score", "kv_bytes_after", "kv_tokens_after")
 

@@ -7,8 +7,8 @@ import torch
 from conftest import make_model, sample_text
 
 import kvtrim
-from kvtrim.errors import KVTrimError
-from kvtrim.methods.simple import KNorm
+from kvtrim.core.errors import KVTrimError
+from kvtrim.scorers.simple import KNorm
 
 CONTEXTS = [sample_text(170, seed=1), sample_text(45, seed=2), sample_text(110, seed=3)]
 QUESTIONS = ["Which word comes first?", "What?", "Name a river."]
@@ -114,7 +114,7 @@ def test_batch_errors(tokenizer):
 
 def test_shared_batch_prefill_equals_compressing_the_batch(tokenizer):
     """One batch prefill, every cell derived from it: bit-identical caches, same answers."""
-    from kvtrim.shared_batch import prefill_batch_once
+    from kvtrim.strategies.shared_batch import prefill_batch_once
 
     model = make_model("llama")
     methods = ["knorm", "expected-attention", "snapkv"]

@@ -8,7 +8,10 @@ import pytest
 import torch
 from conftest import make_model, make_tokenizer
 
-from kvtrim.bench.loaders import (
+from kvtrim.bench.config import BenchConfig
+from kvtrim.bench.run import run_bench
+from kvtrim.bench.samples import build_samples
+from kvtrim.bench.tasks.loaders import (
     LONGBENCH,
     count_score,
     load_longbench,
@@ -19,8 +22,7 @@ from kvtrim.bench.loaders import (
     retrieval_score,
     truncate_middle,
 )
-from kvtrim.bench.runner import BenchConfig, build_samples, run_bench
-from kvtrim.errors import KVTrimError
+from kvtrim.core.errors import KVTrimError
 
 HAY = "The grass is green. The sky is blue. " * 6
 

@@ -12,20 +12,19 @@ import pytest
 import torch
 from conftest import make_model, make_tokenizer
 
-from kvtrim.bench.report import (
+from kvtrim.bench.plots import plot_accuracy, plot_needle_grid
+from kvtrim.bench.report import write_report
+from kvtrim.bench.results import RESULTS_FILE
+from kvtrim.bench.tables import (
     accuracy_table,
     average_by_cell,
     comparison_markdown,
     cost_table,
     ordered_cells,
     perplexity_by_cell,
-    plot_accuracy,
-    plot_needle_grid,
     summary_markdown,
-    write_report,
 )
-from kvtrim.bench.runner import RESULTS_FILE
-from kvtrim.errors import KVTrimError
+from kvtrim.core.errors import KVTrimError
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -12,22 +12,17 @@ from conftest import make_model, make_tokenizer, sample_text
 from transformers import DynamicCache
 
 import kvtrim
-from kvtrim.bench.perplexity import continuation_ids, continuation_nll, perplexity
-from kvtrim.bench.runner import (
-    CONFIG_FILE,
-    RESULTS_FILE,
-    BenchConfig,
-    CellEvaluator,
-    build_samples,
-    read_results,
-    resolve_tasks,
-    row_key,
-    run_bench,
-)
-from kvtrim.methods import METHODS
-from kvtrim.methods.simple import KNorm
-from kvtrim.prompting import encode, layout_for
-from kvtrim.session import greedy_decode, stop_token_ids
+from kvtrim.bench.config import BenchConfig, resolve_tasks
+from kvtrim.bench.continuation import continuation_nll, perplexity
+from kvtrim.bench.evaluate import CellEvaluator
+from kvtrim.bench.results import CONFIG_FILE, RESULTS_FILE, read_results, row_key
+from kvtrim.bench.run import run_bench
+from kvtrim.bench.samples import build_samples
+from kvtrim.bench.tasks.perplexity import continuation_ids
+from kvtrim.generation import greedy_decode, stop_token_ids
+from kvtrim.models.prompting import encode, layout_for
+from kvtrim.scorers import METHODS
+from kvtrim.scorers.simple import KNorm
 
 COMPARED = ("prediction", "score", "kv_bytes_after", "kv_tokens_after", "kv_bytes_before", "nll", "n_tokens")
 
@@ -323,7 +318,7 @@ def test_perplexity_at_ratio_zero_is_the_models_own(llama, tok):
 def test_batched_runner_equals_one_by_one(llama, tok, tmp_path):
     """Samples answered in left-padded batches give the rows of one-by-one runs; cells a batch
     cannot hold (adaptive budget, query-aware method, perplexity) fall back to one by one."""
-    from kvtrim.bench.sample import Sample
+    from kvtrim.bench.tasks.sample import Sample
 
     config = small_config(
         tasks=["recall", "perplexity"],

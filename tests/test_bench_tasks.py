@@ -14,14 +14,14 @@ from functools import cache
 import pytest
 from conftest import make_tokenizer
 
-from kvtrim.bench import haystacks
-from kvtrim.bench.metrics import postprocess_prediction, string_match_all, string_match_part
-from kvtrim.bench.niah import NIAH_CONFIGS
-from kvtrim.bench.qa import load_hotpotqa, load_squad
-from kvtrim.bench.ruler import CWE_INTRO, FWE_INTRO
-from kvtrim.bench.sample import Sample, count_tokens, fit_size
-from kvtrim.bench.tasks import RULER_TASKS, TASKS, expand_task_list, generate, needle_grid
-from kvtrim.errors import KVTrimError
+from kvtrim.bench.tasks import haystacks
+from kvtrim.bench.tasks.metrics import postprocess_prediction, string_match_all, string_match_part
+from kvtrim.bench.tasks.niah import NIAH_CONFIGS
+from kvtrim.bench.tasks.qa import load_hotpotqa, load_squad
+from kvtrim.bench.tasks.registry import RULER_TASKS, TASKS, expand_task_list, generate, needle_grid
+from kvtrim.bench.tasks.ruler import CWE_INTRO, FWE_INTRO
+from kvtrim.bench.tasks.sample import Sample, count_tokens, fit_size
+from kvtrim.core.errors import KVTrimError
 
 TOK = make_tokenizer(chat_template=False)
 LENGTH = 6000  # characters = tokens with the char tokenizer

@@ -16,12 +16,12 @@ from kvtrim.budgets import (
     TokenBudget,
     UniformBudget,
     make_budget,
-    n_keep,
 )
 from kvtrim.cache import CacheSnapshot
-from kvtrim.methods.base import LayerView, Scorer
-from kvtrim.prompting import encode
-from kvtrim.ragged import RaggedLayer
+from kvtrim.cache.ragged import RaggedLayer
+from kvtrim.core.ratios import n_keep
+from kvtrim.models.prompting import encode
+from kvtrim.scorers.base import LayerView, Scorer
 
 
 def test_uniform_and_token_budgets_count_exactly():
@@ -151,7 +151,7 @@ def test_pyramid_layers_have_their_own_lengths(tokenizer):
 
 
 def test_mask_rebuilt_for_a_layer_of_another_length():
-    from kvtrim.ragged import kvtrim_attention
+    from kvtrim.attention import kvtrim_attention
 
     torch.manual_seed(0)
     module = torch.nn.Module()
@@ -181,7 +181,7 @@ def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window_size, e
 def test_varlen_packing_of_ragged_heads_equals_the_per_head_loop(arch, tokenizer, monkeypatch):
     """The packed variable-length path (one kernel call for all heads, CUDA) gives the per-head
     loop's decoding logits; the kernel is replaced by a plain reference so this runs on CPU."""
-    from kvtrim import ragged
+    from kvtrim.attention import ragged
 
     model = make_model(arch)
     session = kvtrim.compress(model, tokenizer, sample_text(200), "knorm", ratio=0.5, budget="adaptive")

@@ -8,12 +8,16 @@ import torch
 from conftest import close, make_model, make_tokenizer, sample_text
 
 import kvtrim
-from kvtrim import cell_batch
-from kvtrim.bench.runner import BenchConfig, _cell_chunks, row_key, run_bench
+from kvtrim.bench.config import BenchConfig
+from kvtrim.bench.plan import cell_chunks as _cell_chunks
+from kvtrim.bench.results import row_key
+from kvtrim.bench.run import run_bench
 from kvtrim.cache import CacheSnapshot
-from kvtrim.cell_batch import HeadMaskedLayer, answer_cells, stack_caches
-from kvtrim.errors import KVTrimError
-from kvtrim.shared_prefill import prefill_once
+from kvtrim.cache.masked import HeadMaskedLayer
+from kvtrim.core.errors import KVTrimError
+from kvtrim.strategies import cell_batch
+from kvtrim.strategies.cell_batch import answer_cells, stack_caches
+from kvtrim.strategies.shared_prefill import prefill_once
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -68,7 +72,7 @@ def test_each_row_is_its_own_session(arch, tok):
     sessions = all_sessions(model, tok)
     assert any(hasattr(layer, "head_keys") for s in sessions for layer in s.cache.layers)  # ragged rows
     _, ids = sessions[0].prompt_ids(QUESTION, 8)
-    kvtrim.ragged.enable(model)
+    kvtrim.attention.enable(model)
     batched = last_logits_batched(sessions, ids)
     for row, session in enumerate(sessions):
         close(batched[row], last_logits_alone(session, ids), rtol=1e-4, atol=1e-5)
@@ -84,7 +88,7 @@ def test_padding_slots_are_hidden(tok, monkeypatch):
     model = make_model("llama")
     sessions = all_sessions(model, tok)
     _, ids = sessions[0].prompt_ids(QUESTION, 8)
-    kvtrim.ragged.enable(model)
+    kvtrim.attention.enable(model)
     honest = last_logits_batched(sessions, ids)
     stack = HeadMaskedLayer.stack.__func__
 
@@ -123,7 +127,7 @@ def test_rows_that_stop_leave_the_batch_and_answers_stay_exact(tok, monkeypatch)
             counts[token] = counts.get(token, 0) + 1
     stop = min(counts, key=lambda t: abs(counts[t] - len(sessions) / 2))
     monkeypatch.setattr(cell_batch, "stop_token_ids", lambda model, tokenizer: {stop})
-    monkeypatch.setattr(kvtrim.session, "stop_token_ids", lambda model, tokenizer: {stop})
+    monkeypatch.setattr(kvtrim.sessions.session, "stop_token_ids", lambda model, tokenizer: {stop})
     expected = [s.answer(QUESTION, max_new_tokens=12).token_ids for s in sessions]
     assert len({len(t) for t in expected}) > 1  # rows really stop at different steps
     got = answer_cells(sessions, QUESTION, max_new_tokens=12)

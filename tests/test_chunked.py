@@ -7,8 +7,8 @@ import torch
 from conftest import make_model, sample_text
 
 import kvtrim
-from kvtrim.budgets import n_keep
-from kvtrim.methods.simple import StreamingLLM
+from kvtrim.core.ratios import n_keep
+from kvtrim.scorers.simple import StreamingLLM
 
 
 def test_chunked_without_eviction_equals_plain_prefill(model, tokenizer):

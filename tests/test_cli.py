@@ -31,7 +31,7 @@ def _assert_user_error(result: subprocess.CompletedProcess, fragment: str) -> No
 
 
 def test_methods_lists_every_method():
-    from kvtrim.methods import METHODS
+    from kvtrim.scorers import METHODS
 
     result = run("methods")
     assert result.returncode == 0

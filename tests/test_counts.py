@@ -8,8 +8,8 @@ import pytest
 from conftest import sample_text
 
 import kvtrim
-from kvtrim.budgets import n_keep
 from kvtrim.cache import cache_bytes
+from kvtrim.core.ratios import n_keep
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.25, 0.5, 0.75, 0.9])

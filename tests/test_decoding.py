@@ -8,8 +8,8 @@ from conftest import make_model, sample_text
 
 import kvtrim
 from kvtrim.cache import layer_tokens
-from kvtrim.errors import KVTrimError
-from kvtrim.methods.simple import StreamingLLM
+from kvtrim.core.errors import KVTrimError
+from kvtrim.scorers.simple import StreamingLLM
 
 DECODING_METHODS = ["knorm", "expected-attention", "qfilters", "streaming-llm"]
 

@@ -7,7 +7,7 @@ from conftest import make_tokenizer, sample_text
 
 import kvtrim
 from kvtrim.cache import CacheSnapshot
-from kvtrim.prompting import encode
+from kvtrim.models.prompting import encode
 
 QUESTION = "which word comes first?"
 
@@ -87,7 +87,7 @@ def test_context_manager_keeps_true_positions(model, tokenizer):
     # Same computation by hand: compress the prompt, then decode at positions len(ids), len(ids)+1, ...
     from transformers import DynamicCache
 
-    from kvtrim.session import greedy_decode
+    from kvtrim.generation import greedy_decode
 
     cache = DynamicCache(config=model.config)
     with torch.inference_mode(), kvtrim.compressing(model, "knorm", ratio=0.5):

@@ -16,17 +16,17 @@ from conftest import close, make_model, make_tokenizer, sample_text
 from test_methods import capture_views
 
 import kvtrim
-from kvtrim.budgets import top_indices
-from kvtrim.errors import KVTrimError
-from kvtrim.methods import METHODS, LayerView, make_scorer
-from kvtrim.methods.chunkkv import ChunkKV
-from kvtrim.methods.cur import CUR
-from kvtrim.methods.keydiff import KeyDiff
-from kvtrim.methods.lagkv import TAIL_SCORE, LagKV
-from kvtrim.methods.leverage import Leverage, leverage_scores
-from kvtrim.methods.observed_attention import ObservedAttention
-from kvtrim.methods.snapkv import SnapKV
-from kvtrim.methods.tova import TOVA
+from kvtrim.core.errors import KVTrimError
+from kvtrim.core.selection import top_indices
+from kvtrim.scorers import METHODS, LayerView, make_scorer
+from kvtrim.scorers.chunkkv import ChunkKV
+from kvtrim.scorers.cur import CUR
+from kvtrim.scorers.keydiff import KeyDiff
+from kvtrim.scorers.lagkv import TAIL_SCORE, LagKV
+from kvtrim.scorers.leverage import Leverage, leverage_scores
+from kvtrim.scorers.observed_attention import ObservedAttention
+from kvtrim.scorers.snapkv import SnapKV
+from kvtrim.scorers.tova import TOVA
 
 NEW_METHODS = ["snapkv", "tova", "observed-attention", "keydiff", "lagkv", "cur", "leverage", "chunkkv"]
 ARCHS = ["llama", "qwen3", "phi3"]

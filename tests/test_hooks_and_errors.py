@@ -7,8 +7,8 @@ import torch
 from conftest import make_model, sample_text
 
 import kvtrim
-from kvtrim.methods.base import Scorer
 from kvtrim.models import attention_modules, query_projection
+from kvtrim.scorers.base import Scorer
 
 
 def _hook_count(model) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import kvtrim
-from kvtrim.bench.needle import needle_sample
+from kvtrim.bench.tasks.needle import needle_sample
 
 pytestmark = pytest.mark.integration
 

@@ -9,12 +9,12 @@ import torch
 from conftest import make_model, sample_text
 
 import kvtrim
-from kvtrim.budgets import top_indices
 from kvtrim.calibration import dominant_direction, load_or_compute_qfilters
-from kvtrim.methods import ExpectedAttention, KNorm, LayerView, Scorer
-from kvtrim.methods.expected_attention import expected_logits
-from kvtrim.methods.qfilters import QFilters
-from kvtrim.methods.simple import RandomScorer, StreamingLLM
+from kvtrim.core.selection import top_indices
+from kvtrim.scorers import ExpectedAttention, KNorm, LayerView, Scorer
+from kvtrim.scorers.expected_attention import expected_logits
+from kvtrim.scorers.qfilters import QFilters
+from kvtrim.scorers.simple import RandomScorer, StreamingLLM
 
 
 class Spy(Scorer):
@@ -213,7 +213,7 @@ def test_qfilters_calibration_is_cached(tmp_path, monkeypatch, tokenizer):
     cfg = model.config
     assert filters.shape == (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
     assert list(tmp_path.rglob("qfilters.safetensors"))
-    import kvtrim.calibration as calibration
+    import kvtrim.calibration.artefacts as calibration
 
     monkeypatch.setattr(calibration, "compute_qfilters", lambda *a, **k: pytest.fail("recomputed"))
     torch.testing.assert_close(load_or_compute_qfilters(model, tokenizer), filters)

@@ -15,14 +15,20 @@ from conftest import close, make_model, make_tokenizer, sample_text
 from test_methods import capture_views
 
 import kvtrim
-import kvtrim.calibration as calibration
-from kvtrim.budgets import DuoBudget, PyramidBudget, top_indices
-from kvtrim.calibration import calibration_sequences, compute_query_stats, load_or_compute_query_stats
-from kvtrim.errors import KVTrimError
-from kvtrim.methods import METHODS, LayerView, Scorer, make_scorer
-from kvtrim.methods.expected_attention import ExpectedAttention
-from kvtrim.prompting import encode
-from kvtrim.ragged import RaggedLayer
+import kvtrim.calibration.artefacts as calibration
+from kvtrim.budgets import DuoBudget, PyramidBudget
+from kvtrim.cache.ragged import RaggedLayer
+from kvtrim.calibration import (
+    calibration_sequences,
+    compute_query_stats,
+    duo_heads,
+    load_or_compute_query_stats,
+)
+from kvtrim.core.errors import KVTrimError
+from kvtrim.core.selection import top_indices
+from kvtrim.models.prompting import encode
+from kvtrim.scorers import METHODS, LayerView, Scorer, make_scorer
+from kvtrim.scorers.expected_attention import ExpectedAttention
 
 views_of = functools.cache(capture_views)  # the views are only read: build each model once
 
@@ -356,7 +362,7 @@ def plain_duo_heads(model, tokenizer, text, seq_len, sinks, window, depths):
     """needle / (needle + sinks + recent) attention mass from eager attention weights, in loops."""
     model.set_attn_implementation("eager")
     encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    question = encode(calibration.DUO_QUESTION)
+    question = encode(duo_heads.DUO_QUESTION)
     haystack = encode(text)
     context_len = seq_len - len(question)
     sinks, window = min(sinks, context_len // 16), min(window, context_len // 4)
@@ -365,8 +371,8 @@ def plain_duo_heads(model, tokenizer, text, seq_len, sinks, window, depths):
     needle_mass = torch.zeros(cfg.num_hidden_layers, cfg.num_key_value_heads, dtype=torch.float64)
     local_mass = torch.zeros_like(needle_mass)
     for i, depth in enumerate(depths):
-        needle = encode(calibration.DUO_NEEDLE.format(value=calibration.DUO_VALUES[i]))
-        ids, start = calibration.passkey_prompt(haystack, needle, question, seq_len, sinks, window, depth)
+        needle = encode(duo_heads.DUO_NEEDLE.format(value=duo_heads.DUO_VALUES[i]))
+        ids, start = duo_heads.passkey_prompt(haystack, needle, question, seq_len, sinks, window, depth)
         assert ids[start : start + len(needle)] == needle and len(ids) == seq_len
         with torch.no_grad():
             attentions = model(input_ids=torch.tensor([ids]), output_attentions=True).attentions
@@ -578,7 +584,7 @@ def test_cli_ask_with_the_duo_budget(tmp_path, monkeypatch, tiny_dir):
 
 def test_shared_prefill_scores_critical_per_ratio(tokenizer):
     """critical's scores depend on the budget: each shared-prefill cell equals compressing alone."""
-    from kvtrim.shared_prefill import prefill_once
+    from kvtrim.strategies.shared_prefill import prefill_once
 
     model = make_model("qwen3")
     context = sample_text(240)

@@ -11,10 +11,10 @@ from conftest import make_model, make_tokenizer, sample_text
 from transformers import DynamicCache
 
 import kvtrim
-from kvtrim.methods import METHODS
-from kvtrim.methods.snapkv import SnapKVQueryAware
-from kvtrim.prompting import encode, layout_for
-from kvtrim.session import greedy_decode, stop_token_ids
+from kvtrim.generation import greedy_decode, stop_token_ids
+from kvtrim.models.prompting import encode, layout_for
+from kvtrim.scorers import METHODS
+from kvtrim.scorers.snapkv import SnapKVQueryAware
 
 QUESTION = "Which word comes after the tower, near the river?"
 

@@ -7,8 +7,8 @@ import torch
 from conftest import sample_text
 
 import kvtrim
-from kvtrim.ragged import RaggedLayer
-from kvtrim.shared_prefill import prefill_once
+from kvtrim.cache.ragged import RaggedLayer
+from kvtrim.strategies.shared_prefill import prefill_once
 
 METHODS = ["knorm", "expected-attention", "snapkv", "streaming-llm", "none"]
 RATIOS = [0.0, 0.5, 0.75]

@@ -6,11 +6,14 @@ import pytest
 from conftest import make_model, make_tokenizer
 
 import kvtrim
-from kvtrim.bench.runner import BenchConfig, CellEvaluator, build_samples, run_bench
+from kvtrim.bench.config import BenchConfig
+from kvtrim.bench.evaluate import CellEvaluator
+from kvtrim.bench.run import run_bench
+from kvtrim.bench.samples import build_samples
 from kvtrim.budgets import make_budget
-from kvtrim.errors import KVTrimError
-from kvtrim.methods import make_scorer
-from kvtrim.specs import parse_spec
+from kvtrim.core.errors import KVTrimError
+from kvtrim.core.spec import parse_named as parse_spec
+from kvtrim.scorers import make_scorer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -16,12 +16,14 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import kvtrim
-from kvtrim.budgets import n_keep
+from kvtrim.attention import kvtrim_attention
 from kvtrim.cache import cache_bytes, layer_bytes
-from kvtrim.channels import ChannelPrunedLayer, channel_scores, kept_channels, n_keep_channels
-from kvtrim.errors import KVTrimError
-from kvtrim.prompting import encode
-from kvtrim.ragged import RaggedLayer, kvtrim_attention
+from kvtrim.cache.channels import ChannelPrunedLayer
+from kvtrim.cache.ragged import RaggedLayer
+from kvtrim.core.errors import KVTrimError
+from kvtrim.core.ratios import n_keep, n_keep_channels
+from kvtrim.models.prompting import encode
+from kvtrim.scorers.channels import channel_scores, kept_channels
 
 ZEROED = "kvtrim_test_zero_query_channels"
 #: layer -> (B, Hkv, Dk) channels whose query entries stay; the others are zeroed

@@ -1,0 +1,60 @@
+"""Turning a choice of pairs into smaller tensors: the one place a kept set becomes a layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvtrim.cache.ragged import RaggedLayer
+
+
+@dataclass
+class KeptLayer:
+    """A layer shrunk to a budget's choice (see :func:`keep_selected`)."""
+
+    layer: Any  # the layer to store in the cache
+    indices: torch.Tensor | None  # (B, Hkv, K) kept positions, or None for a ragged layer
+    per_head: float  # pairs kept per head (a mean for a ragged layer)
+
+
+def gather_positions(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Keep ``indices`` along the sequence axis, in a new contiguous tensor.
+
+    tensor: (B, Hkv, T, D), indices: (B, Hkv, K) -> (B, Hkv, K, D)
+    """
+    expanded = indices[..., None].expand(-1, -1, -1, tensor.shape[-1])
+    return torch.gather(tensor, 2, expanded).contiguous()
+
+
+def left_padded_index(kept: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    """Stack per-element kept indices into one batch index, padded on the left.
+
+    kept: B × (Hkv, K_b) -> index (B, Hkv, max K_b) and each element's padding. A padding slot
+    repeats the element's first kept index (any real pair would do: the attention mask hides it).
+    """
+    width = max(k.shape[-1] for k in kept)
+    index = torch.stack([torch.cat([k[:, :1].expand(-1, width - k.shape[-1]), k], dim=-1) for k in kept])
+    return index, [width - k.shape[-1] for k in kept]
+
+
+def keep_selected(layer: Any, chosen: torch.Tensor) -> KeptLayer:
+    """Shrink ``layer`` to the pairs a budget chose.
+
+    ``chosen`` is what :meth:`Budget.select` returns: (B, Hkv, K) sorted indices, or a (B, Hkv, T)
+    boolean keep mask. A mask whose heads all keep the same count becomes indices, and ``layer``
+    gets smaller tensors in place; uneven heads become a new :class:`RaggedLayer`, each head owning
+    only its own pairs. The shared prefill calls this too (on a copy of each full layer), which is
+    what keeps its cells bit-identical to compressing alone.
+    """
+    keys, values = layer.keys, layer.values  # (B, Hkv, T, D)
+    if chosen.dtype == torch.bool:  # (B, Hkv, T) keep mask
+        counts = chosen.sum(dim=-1)  # (B, Hkv)
+        if not bool((counts == counts.flatten()[0]).all()):
+            ragged_layer = RaggedLayer.from_mask(keys, values, chosen)
+            return KeptLayer(ragged_layer, None, int(counts.sum()) / counts.numel())
+        chosen = chosen.nonzero()[:, -1].view(*counts.shape, -1)  # (B, Hkv, K) sorted
+    layer.keys = gather_positions(keys, chosen)
+    layer.values = gather_positions(values, chosen)
+    return KeptLayer(layer, chosen, chosen.shape[-1])

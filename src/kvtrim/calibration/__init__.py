@@ -1,0 +1,38 @@
+"""Per-model statistics computed locally from text and cached on disk (never downloaded):
+Q-Filters, query statistics, DuoAttention's head split."""
+
+from kvtrim.calibration.artefacts import (
+    DUO_VERSION,
+    QFILTERS_VERSION,
+    QUERY_STATS_VERSION,
+    duo_heads_path,
+    load_or_compute_duo_heads,
+    load_or_compute_qfilters,
+    load_or_compute_query_stats,
+    qfilters_path,
+    query_stats_path,
+)
+from kvtrim.calibration.corpus import bundled_texts, calibration_sequences
+from kvtrim.calibration.duo_heads import compute_duo_heads, passkey_prompt
+from kvtrim.calibration.qfilters import compute_qfilters, dominant_direction, orient_filter
+from kvtrim.calibration.query_stats import compute_query_stats
+
+__all__ = [
+    "DUO_VERSION",
+    "QFILTERS_VERSION",
+    "QUERY_STATS_VERSION",
+    "bundled_texts",
+    "calibration_sequences",
+    "compute_duo_heads",
+    "compute_qfilters",
+    "compute_query_stats",
+    "dominant_direction",
+    "duo_heads_path",
+    "load_or_compute_duo_heads",
+    "load_or_compute_qfilters",
+    "load_or_compute_query_stats",
+    "orient_filter",
+    "passkey_prompt",
+    "qfilters_path",
+    "query_stats_path",
+]

@@ -1,0 +1,32 @@
+"""The text calibration runs on: the prose bundled with kvtrim, cut into token windows."""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any
+
+from torch import nn
+
+from kvtrim.core.errors import KVTrimError
+from kvtrim.models.adapters import text_config
+
+
+def bundled_texts() -> list[str]:
+    """The redistributable prose shipped with kvtrim (default calibration corpus)."""
+    data = resources.files("kvtrim") / "data"
+    return [(data / name).read_text(encoding="utf-8") for name in ("essays.txt", "example.md")]
+
+
+def calibration_sequences(
+    model: nn.Module, tokenizer: Any, texts: list[str], n_sequences: int, seq_len: int
+) -> list[list[int]]:
+    """Consecutive, non-overlapping token windows of ``texts`` (at most ``n_sequences``), each
+    ``seq_len`` tokens long or shorter when the text or the model's window is shorter."""
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if len(ids) < 64:
+        raise KVTrimError("Calibration text is too short (need at least 64 tokens).")
+    seq_len = min(seq_len, len(ids), int(getattr(text_config(model), "max_position_embeddings", seq_len)))
+    starts = list(range(0, len(ids) - seq_len + 1, seq_len))[:n_sequences]
+    return [ids[start : start + seq_len] for start in starts]

@@ -1,0 +1,57 @@
+"""``kvtrim calibrate``: compute and cache per-model calibration (Q-Filters, ...) from local text."""
+
+from __future__ import annotations
+
+import argparse
+
+from kvtrim.cli.common import MODEL_HELP, positive
+from kvtrim.core.files import read_text
+
+CALIBRATIONS = ("qfilters", "query-stats", "duo-heads", "all")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    cal = sub.add_parser(
+        "calibrate", help="compute and cache per-model calibration (Q-Filters, ...) from local text"
+    )
+    cal.add_argument("--model", default=None, help=MODEL_HELP)
+    cal.add_argument(
+        "--text",
+        action="append",
+        default=None,
+        help="calibration text file (repeatable; default: bundled prose)",
+    )
+    cal.add_argument("--sequences", type=positive, default=20, help="number of calibration sequences")
+    cal.add_argument("--length", type=positive, default=2048, help="tokens per calibration sequence")
+    cal.add_argument(
+        "--what",
+        choices=CALIBRATIONS,
+        action="append",
+        default=None,
+        help="what to calibrate (repeatable; default: qfilters): "
+        "qfilters, query-stats (expected-attention-calibrated), duo-heads (--budget duo) or all",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvtrim import calibration
+    from kvtrim.models import load_model
+
+    wanted = set(args.what or ["qfilters"])
+    if "all" in wanted:
+        wanted = set(CALIBRATIONS) - {"all"}
+    texts = [read_text(path, "Calibration text") for path in args.text] if args.text else None
+    model, tokenizer = load_model(args.model)
+    sizes = dict(texts=texts, refresh=True, n_sequences=args.sequences, seq_len=args.length)
+    if "qfilters" in wanted:
+        filters = calibration.load_or_compute_qfilters(model, tokenizer, **sizes)
+        print(f"Q-Filters {tuple(filters.shape)} saved to {calibration.qfilters_path(model)}")
+    if "query-stats" in wanted:
+        mean, _ = calibration.load_or_compute_query_stats(model, tokenizer, **sizes)
+        print(f"Query statistics {tuple(mean.shape)} saved to {calibration.query_stats_path(model)}")
+    if "duo-heads" in wanted:
+        heads = calibration.load_or_compute_duo_heads(
+            model, tokenizer, texts=texts, refresh=True, seq_len=args.length
+        )
+        print(f"Duo head split {tuple(heads.shape)} saved to {calibration.duo_heads_path(model)}")
+    return 0

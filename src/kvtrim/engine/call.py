@@ -1,0 +1,179 @@
+"""One attention call as a schedule sees it: the layer, its positions, and the scorer's view of it.
+
+Built by the engine for every hooked call. It builds :class:`~kvtrim.scorers.LayerView` s — keys
+and values as cached, queries computed lazily from the stashed projection, the layer's own RoPE —
+and does the bookkeeping every compressing step shares (sliding-window layers, peak bytes, time).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from kvtrim.cache.layers import (
+    cache_bytes,
+    compact,
+    is_first_forward,
+    layer_bytes,
+    layer_heads,
+    layer_tokens,
+    logical_bytes,
+)
+from kvtrim.cache.layers import (
+    is_sliding as layer_is_sliding,
+)
+from kvtrim.core.stats import CompressionStats
+from kvtrim.models.adapters import (
+    output_weight,
+    queries_from_projection,
+    rope_function,
+    rotary_for,
+    rotation_cache,
+)
+from kvtrim.scorers.base import LayerView
+
+
+@dataclass
+class LayerCall:
+    """Layer ``idx`` (of ``n_layers``) right after its attention ran in one forward of ``q_len`` tokens."""
+
+    model: nn.Module
+    stats: CompressionStats
+    seed: int
+    n_layers: int
+    idx: int
+    attn: nn.Module
+    cache: Any
+    kwargs: dict[str, Any]
+    projected: torch.Tensor | None  # (B, q, ≥ H·D) the query projection's output
+    q_len: int
+
+    @property
+    def layer(self) -> Any:
+        return self.cache.layers[self.idx]
+
+    @property
+    def is_sliding(self) -> bool:
+        return layer_is_sliding(self.layer)
+
+    @property
+    def is_first_forward(self) -> bool:
+        return is_first_forward(self.layer, self.q_len)
+
+    # --- positions --------------------------------------------------------------------------------
+
+    def query_positions(self) -> torch.Tensor:
+        """(q,) absolute positions of the current forward's tokens (batch element 0's)."""
+        position_ids = self.kwargs.get("position_ids")
+        device = self.kwargs["hidden_states"].device
+        if position_ids is None:
+            return torch.arange(self.q_len, device=device)
+        return position_ids[0, -self.q_len :].to(device)
+
+    def key_positions(self, keys: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
+        """Absolute positions of the layer's cached pairs: (T,) while every head holds the same
+        contiguous range, (B, Hkv, T) once earlier evictions (``previous``) left each head its own."""
+        seq = keys.shape[-2]
+        position_ids = self.kwargs.get("position_ids")
+        if position_ids is None:
+            return torch.arange(seq, device=keys.device)
+        new = position_ids[0].to(keys.device)  # (q,)
+        if previous is None or previous.shape[-1] + len(new) != seq:
+            return torch.arange(seq, device=keys.device) + (int(new[-1]) + 1 - seq)
+        fresh = new[None, None].expand(*previous.shape[:2], -1)  # (B, Hkv, q)
+        return torch.cat([previous, fresh], dim=-1)  # (B, Hkv, T)
+
+    # --- views ------------------------------------------------------------------------------------
+
+    def view(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        key_positions: torch.Tensor,
+        *,
+        projected: torch.Tensor | None = None,
+        query_positions: torch.Tensor | None = None,
+        budget_keep: int | None = None,
+    ) -> LayerView:
+        """What a scorer sees of this layer: ``keys``/``values`` (B, Hkv, T, D) at ``key_positions``,
+        queries from ``projected`` (default: this forward's) at ``query_positions``."""
+        attn = self.attn
+        projected = self.projected if projected is None else projected
+        rope = rope_function(attn)
+        rotary = rotary_for(self.model, attn)
+
+        def pre_rope_queries() -> torch.Tensor:
+            if projected is None:
+                raise RuntimeError("queries were not captured for this layer")
+            with torch.inference_mode():
+                return queries_from_projection(attn, projected)
+
+        def rotate(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                cos, sin = rotary(positions, like=x)
+                return rope(x, x, cos, sin)[0]
+
+        return LayerView(
+            layer_idx=self.idx,
+            keys=keys,
+            values=values,
+            key_positions=key_positions,
+            query_positions=self.query_positions() if query_positions is None else query_positions,
+            n_heads=attn.config.num_attention_heads,
+            head_dim=attn.head_dim,
+            scaling=float(attn.scaling),
+            pre_rope_queries=pre_rope_queries,
+            rotate_fn=rotate,
+            seed=self.seed,
+            output_weight=output_weight(attn),
+            budget_keep=budget_keep,
+            rope_key=rotary.layer_type,
+            rotation_cache=rotation_cache(rotary.rotary),
+        )
+
+    def element_view(self, b: int, pad: int, budget_keep: Callable[[int], int | None]) -> LayerView:
+        """Element b of a left-padded batch as if alone: its own pairs, queries and positions."""
+        layer = self.layer
+        keys = layer.keys[b : b + 1, :, pad:]  # (1, Hkv, T_b, D)
+        values = layer.values[b : b + 1, :, pad:]
+        positions = torch.arange(keys.shape[-2], device=keys.device)  # (T_b,)
+        own = None if self.projected is None else self.projected[b : b + 1, pad:]  # (1, T_b, H·D)
+        return self.view(
+            keys,
+            values,
+            positions,
+            projected=own,
+            query_positions=positions,
+            budget_keep=budget_keep(keys.shape[-2]),
+        )
+
+    # --- bookkeeping ------------------------------------------------------------------------------
+
+    def compress(self, action: Callable[[LayerCall], None]) -> None:
+        """Run one compressing step on this layer, with the bookkeeping every step shares.
+
+        A sliding-window layer is already bounded by its window, so it is not compressed; but
+        transformers keeps the window as a slice of the whole prefill's tensor, holding all T pairs
+        alive: copying the window out frees them. Otherwise the moment this layer holds its
+        uncompressed pairs is when the cache peaks, and ``action`` is timed as compression.
+        """
+        layer = self.layer
+        if self.is_sliding:
+            held = layer_tokens(layer)
+            before = logical_bytes(layer.keys) + logical_bytes(layer.values)
+            layer.keys, layer.values = compact(layer.keys), compact(layer.values)
+            self.account(layer, before, held, held)
+            return
+        self.stats.kv_bytes_peak = max(self.stats.kv_bytes_peak, cache_bytes(self.cache))
+        start = time.perf_counter()
+        action(self)
+        self.stats.compress_s += time.perf_counter() - start
+
+    def account(self, layer: Any, bytes_before: int, seq: int, keep: float) -> None:
+        """Record one layer; ``keep`` is pairs per head (a mean for ragged layers)."""
+        self.stats.add_layer(bytes_before, layer_bytes(layer), seq, keep, layer_heads(layer))

@@ -1,0 +1,130 @@
+"""What compressing a layer does: score, let the budget choose, keep the chosen pairs — and prune
+key channels (ThinK). Schedules and strategies call these; the engine itself only dispatches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kvtrim.budgets.base import Budget
+from kvtrim.cache.channels import key_channel_norms, prune_channels
+from kvtrim.cache.keep import keep_selected
+from kvtrim.cache.layers import layer_bytes, layer_heads
+from kvtrim.core.stats import CompressionStats
+from kvtrim.engine.call import LayerCall
+from kvtrim.models.adapters import queries_from_projection, rope_function, rotary_for
+from kvtrim.scorers.base import LayerView, Scorer
+from kvtrim.scorers.channels import kept_channels
+
+
+@dataclass
+class Selector:
+    """Which pairs a layer keeps: ``scorer``'s scores, chosen by ``budget`` at ``ratio``."""
+
+    scorer: Scorer
+    budget: Budget
+    ratio: float
+
+    def evicts(self, n_tokens: int) -> bool:
+        """False when nothing would be evicted (the scorer is then not even run)."""
+        return self.scorer.evicts and self.budget.evicts(n_tokens, self.ratio)
+
+    def layer_keep(self, n_tokens: int, idx: int, n_layers: int) -> int | None:
+        return self.budget.layer_keep(n_tokens, idx, n_layers, self.ratio)
+
+    def select(self, scores: torch.Tensor, idx: int, n_layers: int) -> torch.Tensor:
+        """scores (B, Hkv, T) -> (B, Hkv, K) sorted indices or a (B, Hkv, T) keep mask."""
+        return self.budget.select(scores, idx, n_layers, self.ratio)
+
+    def choose(self, view: LayerView, n_layers: int) -> torch.Tensor:
+        return self.select(self.scorer.score(view), view.layer_idx, n_layers)
+
+
+@dataclass
+class PositionTracker:
+    """Absolute positions of every head's pairs, per layer, (B, Hkv, K): needed once a cache is
+    compressed more than once (chunked prefill, eviction while decoding)."""
+
+    positions: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def get(self, idx: int) -> torch.Tensor | None:
+        return self.positions.get(idx)
+
+    def remember(
+        self, idx: int, keys: torch.Tensor, key_positions: torch.Tensor, chosen: torch.Tensor | None
+    ) -> None:
+        """Record the positions left after keeping ``chosen`` (B, Hkv, K) of ``key_positions``."""
+        full = key_positions.expand(*keys.shape[:2], -1) if key_positions.dim() == 1 else key_positions
+        self.positions[idx] = full if chosen is None else torch.gather(full, 2, chosen)
+
+
+def evict_layer(call: LayerCall, selector: Selector, positions: PositionTracker | None = None) -> None:
+    """Compress the call's layer in place: score its pairs, keep the budget's choice, count it."""
+    layer = call.layer
+    keys, values = layer.keys, layer.values  # (B, Hkv, T, D)
+    seq = keys.shape[-2]
+    bytes_before = layer_bytes(layer)
+    call.stats.layers_compressed += 1
+    key_positions = call.key_positions(keys, None if positions is None else positions.get(call.idx))
+    if not selector.evicts(seq):
+        if positions is not None:
+            positions.remember(call.idx, keys, key_positions, None)
+        call.account(layer, bytes_before, seq, seq)
+        return
+    budget_keep = selector.layer_keep(seq, call.idx, call.n_layers)
+    view = call.view(keys, values, key_positions, budget_keep=budget_keep)
+    chosen = selector.choose(view, call.n_layers)
+    keep_choice(call.cache, call.idx, chosen, call.stats, bytes_before, positions, key_positions)
+
+
+def keep_choice(
+    cache: Any,
+    idx: int,
+    chosen: torch.Tensor,
+    stats: CompressionStats,
+    bytes_before: int | None = None,
+    positions: PositionTracker | None = None,
+    key_positions: torch.Tensor | None = None,
+) -> None:
+    """Shrink layer ``idx`` to ``chosen`` (what a budget selected) and count it in ``stats``.
+
+    Split from scoring so that methods scoring outside the prefill's hooks (KVzip scores with
+    extra forwards over the whole cache) keep their pairs through the same code and accounting.
+    """
+    layer = cache.layers[idx]
+    keys = layer.keys  # (B, Hkv, T, D)
+    seq = keys.shape[-2]
+    if bytes_before is None:
+        bytes_before = layer_bytes(layer)
+    kept = keep_selected(layer, chosen)
+    cache.layers[idx] = kept.layer
+    if positions is not None and kept.indices is not None:
+        if key_positions is None:
+            key_positions = torch.arange(seq, device=keys.device)  # (T,)
+        positions.remember(idx, keys, key_positions, kept.indices)
+    stats.add_layer(bytes_before, layer_bytes(kept.layer), seq, kept.per_head, layer_heads(kept.layer))
+
+
+def prune_key_channels(call: LayerCall, ratio: float, window: int) -> None:
+    """ThinK: keep the layer's key channels that matter most to the last ``window`` context
+    queries (:mod:`kvtrim.scorers.channels`), after token eviction, and count the bytes it frees."""
+    if call.projected is None:
+        raise RuntimeError("queries were not captured for this layer")
+    layer = call.layer
+    before = layer_bytes(layer)
+    recent = call.projected[:, -window:]  # (B, W, ≥ H·D)
+    position_ids = call.kwargs.get("position_ids")
+    if position_ids is None:
+        positions = torch.arange(call.projected.shape[1], device=recent.device)[-recent.shape[1] :]
+    else:
+        positions = position_ids[0, -recent.shape[1] :].to(recent.device)  # (W,)
+    with torch.inference_mode():
+        queries = queries_from_projection(call.attn, recent)  # (B, H, W, D) pre-RoPE
+        cos, sin = rotary_for(call.model, call.attn)(positions, like=queries)
+        queries = rope_function(call.attn)(queries, queries, cos, sin)[0]  # (B, H, W, D) post-RoPE
+    channels = kept_channels(queries, key_channel_norms(layer), ratio)  # (B, Hkv, Dk)
+    call.cache.layers[call.idx] = prune_channels(layer, channels)
+    call.stats.kv_bytes_after += layer_bytes(call.cache.layers[call.idx]) - before

@@ -1,0 +1,100 @@
+"""Eviction while decoding: long generations stay within ``tokens`` pairs per head.
+
+After every forward that follows the prefill (the question, each decoded token), a layer whose
+heads hold more than ``tokens`` pairs is evicted down to ``tokens − every + 1``: there is then
+room for ``every − 1`` more tokens, so evictions happen once every ``every`` steps and the cache
+never holds more than ``tokens`` pairs per head between steps (the step that triggers an eviction
+attends over ``tokens + 1`` pairs, its own included). Scorers see each head's true positions and
+the queries of the last ``query_window`` tokens (the prefill's last ones at first).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from kvtrim.cache.keep import gather_positions
+from kvtrim.core.selection import top_indices
+from kvtrim.core.stats import CompressionStats
+from kvtrim.engine.call import LayerCall
+from kvtrim.engine.eviction import PositionTracker
+from kvtrim.schedules.base import Schedule
+from kvtrim.scorers.base import Scorer
+
+
+class DecodingSchedule(Schedule):
+    """``prefill`` compresses the prefill (sharing ``positions``); then every later forward evicts
+    with ``scorer`` once a layer holds more than ``tokens`` pairs per head."""
+
+    def __init__(
+        self,
+        prefill: Schedule,
+        scorer: Scorer,
+        positions: PositionTracker,
+        tokens: int,
+        every: int = 16,
+        query_window: int = 32,
+    ):
+        self.prefill, self.scorer, self.positions = prefill, scorer, positions
+        self.tokens, self.every, self.query_window = tokens, every, query_window
+        #: layer -> (projected queries (B, W, H·D), their positions (W,)): what scorers see
+        self.recent: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def target(self) -> int:
+        """Pairs per head left after an eviction."""
+        return self.tokens - self.every + 1
+
+    def on_forward(self, call: LayerCall) -> None:
+        if self.prefill.takes(call):
+            call.compress(self._compress_prefill)
+        elif not call.is_sliding:
+            start = time.perf_counter()
+            self._evict_while_decoding(call)
+            call.stats.decode_evict_s += time.perf_counter() - start
+
+    def finish(self, cache: Any, n_tokens: int, stats: CompressionStats) -> CompressionStats:
+        return self.prefill.finish(cache, n_tokens, stats)
+
+    def snapshot(self) -> tuple[dict, dict]:
+        """What decoding changes (positions, recent queries), to put back with :meth:`restore`."""
+        return dict(self.positions.positions), dict(self.recent)
+
+    def restore(self, state: tuple[dict, dict]) -> None:
+        self.positions.positions, self.recent = dict(state[0]), dict(state[1])
+
+    def _compress_prefill(self, call: LayerCall) -> None:
+        if call.projected is not None:
+            self._remember_queries(call)
+        self.prefill.compress_layer(call)
+
+    def _remember_queries(self, call: LayerCall) -> None:
+        """Keep the last ``query_window`` projected queries and their positions for this layer."""
+        projected, positions = call.projected, call.query_positions()
+        previous = self.recent.get(call.idx)
+        if previous is not None:
+            projected = torch.cat([previous[0], projected], dim=1)  # (B, W + q, H·D)
+            positions = torch.cat([previous[1], positions])
+        self.recent[call.idx] = (projected[:, -self.query_window :], positions[-self.query_window :])
+
+    def _evict_while_decoding(self, call: LayerCall) -> None:
+        """Evict the layer down to the target once its heads hold more than the budget."""
+        layer = call.layer
+        keys, values = layer.keys, layer.values  # (B, Hkv, T, D)
+        key_positions = call.key_positions(keys, self.positions.get(call.idx))  # (B, Hkv, T) once tracked
+        if call.projected is not None:
+            self._remember_queries(call)
+        if keys.shape[-2] <= self.tokens:
+            self.positions.remember(call.idx, keys, key_positions, None)
+            return
+        recent, positions = self.recent[call.idx]
+        view = call.view(
+            keys, values, key_positions, projected=recent, query_positions=positions, budget_keep=self.target
+        )
+        chosen = top_indices(self.scorer.score(view), self.target)  # (B, Hkv, K)
+        layer.keys = gather_positions(keys, chosen)
+        layer.values = gather_positions(values, chosen)
+        self.positions.remember(call.idx, keys, key_positions, chosen)
+        call.stats.decode_evictions += 1

@@ -1,0 +1,101 @@
+"""KVzip (arXiv 2505.23416): keep what the model needs to reconstruct the context.
+
+Query-agnostic by construction: after the context is prefilled, the model is asked to repeat it
+("Repeat the previous context exactly." followed by the context itself, teacher-forced, in chunks
+for long contexts). A pair the model attends to while reproducing the context holds information
+some future question may need too. Score of a cached pair = the largest attention it receives
+from any reconstruction query, over the query heads of its GQA group and over all chunks; the
+first ``n_sink`` positions (attention sinks, usually the template's opening) are always kept.
+
+The reconstruction queries see the whole cache — every context pair, then the reconstruction
+tokens causally — and the softmax runs over all of it, exactly the attention the model computes.
+(NVIDIA kvpress restricts each chunk's softmax to the sinks, the chunk's own context span and the
+reconstruction tokens, a cheaper approximation; the scores here follow the paper's definition.)
+Later chunks restate the last ``overlap`` tokens of the previous chunk after a "continue" prompt,
+as the reference implementation does, so each chunk starts from a known point.
+
+The scoring forwards are driven by :mod:`kvtrim.reconstruction`; this scorer only builds the
+reconstruction inputs and scores one layer of one reconstruction forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from kvtrim.core.errors import KVTrimError
+from kvtrim.models.prompting import PromptLayout, encode
+from kvtrim.scorers.attention import attention_probs
+from kvtrim.scorers.base import LayerView, Scorer
+
+
+@dataclass
+class KVzip(Scorer):
+    """Max attention each pair receives while the model repeats the context (needs ~2× prefill)."""
+
+    name = "kvzip"
+    summary = "Max attention each pair gets while the model repeats the context (≈2× prefill cost)."
+    paper = "arXiv 2505.23416"
+    needs_reconstruction: ClassVar[bool] = True
+    #: context tokens reconstructed per forward (long contexts are repeated in chunks)
+    chunk_tokens: int = 2048
+    #: tokens of the previous chunk restated at the start of the next one
+    overlap: int = 8
+    n_sink: int = 4
+    #: reconstruction queries scored at once: memory grows as H · block_size · T, never T²
+    block_size: int = 256
+    prompt: str = "Repeat the previous context exactly."
+    continue_prompt: str = "Repeat the part of the previous context exactly, starting with"
+
+    def __post_init__(self) -> None:
+        for option in ("chunk_tokens", "block_size"):
+            if getattr(self, option) < 1:
+                raise KVTrimError(
+                    f"{option} must be a positive number of tokens, got {getattr(self, option)}."
+                )
+        for option in ("overlap", "n_sink"):
+            if getattr(self, option) < 0:
+                raise KVTrimError(f"{option} must be >= 0, got {getattr(self, option)}.")
+
+    def reconstruction_inputs(
+        self, tokenizer: Any, layout: PromptLayout, context: str, max_tokens: int
+    ) -> list[list[int]]:
+        """Token ids of each reconstruction forward: prompt, the template's answer opening, chunk.
+
+        ``max_tokens`` is the room left in the model's window after the context; chunks shrink
+        to fit it.
+        """
+        ids = encode(tokenizer, context)
+        first = encode(tokenizer, layout.question_prefix + self.prompt)
+        later = encode(tokenizer, layout.question_prefix + self.continue_prompt)
+        suffix = encode(tokenizer, layout.question_suffix)
+        overhead = max(len(first), len(later) + self.overlap) + len(suffix)
+        size = min(self.chunk_tokens, max_tokens - overhead)
+        if size < 1:
+            raise KVTrimError(
+                f"kvzip needs room after the context to repeat it: {max_tokens} tokens are left in the "
+                "model's window, too few; shorten the context or use another method."
+            )
+        chunks = [ids[start : start + size] for start in range(0, len(ids), size)]
+        inputs = [first + suffix + chunks[0]]
+        for previous, chunk in zip(chunks, chunks[1:], strict=False):
+            restated = previous[-self.overlap :] if self.overlap else []
+            inputs.append(later + restated + suffix + chunk)
+        return inputs
+
+    def score(self, view: LayerView) -> torch.Tensor:
+        """Max attention from this forward's queries (B, H, q, D) to every key: (B, Hkv, T)."""
+        bsz, n_kv, seq, _ = view.keys.shape
+        queries = view.queries(rotated=True)  # (B, H, q, D)
+        query_pos = view.query_positions.to(queries.device)  # (q,)
+        best = torch.zeros(bsz, n_kv, seq, device=queries.device)  # (B, Hkv, T)
+        for start in range(0, queries.shape[2], self.block_size):
+            stop = start + self.block_size
+            probs = attention_probs(
+                view, queries[:, :, start:stop], query_pos[start:stop]
+            )  # (B, Hkv, G, b, T)
+            best = torch.maximum(best, probs.amax(dim=(2, 3)))
+        sinks = view.key_positions.to(best.device) < self.n_sink  # (T,) or (B, Hkv, T)
+        return best.masked_fill(sinks, torch.inf)

@@ -1,0 +1,7 @@
+"""Sessions: compressed contexts ready for questions — one context, or a left-padded batch."""
+
+from kvtrim.sessions.answer import Answer
+from kvtrim.sessions.batch import BatchSession
+from kvtrim.sessions.session import Session
+
+__all__ = ["Answer", "BatchSession", "Session"]

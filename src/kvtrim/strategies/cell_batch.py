@@ -1,0 +1,94 @@
+"""Ask one question under many compressed caches of the same context at once (benchmark speed).
+
+A benchmark sample is answered under every cell (method × ratio × budget), each cache holding
+different pairs of the same context, all asked the same question at the same positions. Decoding
+them one by one repeats the model's weights traffic for every cell; stacked as the rows of one
+batch (:class:`~kvtrim.cache.masked.HeadMaskedLayer`) they cost little more than one. The rows are
+built from the real compressed sessions (after their figures are taken) and freed once the answers
+are out. Rows that stop (stop token) leave the batch, so short answers do not pay for long ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from kvtrim.attention.interface import enable
+from kvtrim.cache.layers import has_pruned_channels, head_pairs, is_sliding, layer_batch_size
+from kvtrim.cache.masked import HeadMaskedLayer
+from kvtrim.core.errors import KVTrimError
+from kvtrim.generation import decode, stop_token_ids
+from kvtrim.sessions.answer import Answer
+from kvtrim.sessions.session import Session
+
+
+def _head_pairs(layer: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A single-context layer's kept pairs per KV head: Hkv × (keys (K_h, D), values (K_h, Dv))."""
+    if has_pruned_channels(layer):
+        raise KVTrimError("A cell batch cannot hold keys with pruned channels (ThinK).")
+    if is_sliding(layer):
+        raise KVTrimError("A cell batch cannot hold sliding-window layers.")
+    if layer_batch_size(layer) != 1:
+        raise KVTrimError("A cell batch stacks single-context sessions (batch size 1).")
+    return head_pairs(layer)
+
+
+def check_stackable(sessions: Sequence[Session]) -> None:
+    """Refuse sessions that cannot share one question's batch (clear reasons, before any work)."""
+    if not sessions:
+        raise KVTrimError("No session to answer.")
+    first = sessions[0]
+    for session in sessions:
+        if session.model is not first.model or session.context_length != first.context_length:
+            raise KVTrimError("A cell batch needs sessions of the same model and context.")
+        if session.layout != first.layout:
+            raise KVTrimError("A cell batch needs sessions laid out alike (same prompt template).")
+        if session.question != first.question:
+            raise KVTrimError("Query-aware sessions of one batch must hold the same question.")
+        if session.evicts_while_decoding:
+            raise KVTrimError("A session evicting while decoding cannot be batched.")
+        if len(session.cache.layers) != len(first.cache.layers):
+            raise KVTrimError("A cell batch needs sessions with as many cache layers.")
+
+
+def stack_caches(sessions: Sequence[Session], room: int) -> Any:
+    """One cache whose row b holds session b's kept pairs (see the module docstring)."""
+    cache = copy.copy(sessions[0].cache)
+    cache.layers = [
+        HeadMaskedLayer.stack([_head_pairs(s.cache.layers[idx]) for s in sessions], room)
+        for idx in range(len(sessions[0].cache.layers))
+    ]
+    return cache
+
+
+@torch.inference_mode()
+def answer_cells(
+    sessions: Sequence[Session], question: str | None, max_new_tokens: int = 64, answer_prefix: str = ""
+) -> list[Answer]:
+    """Answer ``question`` under each session's cache, all in one batch (greedy decoding).
+
+    Row b's answer is the one ``sessions[b].answer(question, ...)`` gives, up to float rounding
+    (the batched kernels sum in another order). Query-aware sessions (compressed with the same
+    question) are batched too: only the prompt's closing and the prefix follow their caches.
+    Each answer's ``answer_s`` is its share of the batch's wall time. The sessions themselves are
+    left untouched.
+    """
+    check_stackable(sessions)
+    first = sessions[0]
+    model, tokenizer = first.model, first.tokenizer
+    question, ids = first.prompt_ids(question, max_new_tokens, answer_prefix)
+    enable(model)  # the batch's attention lives in kvtrim_sdpa (plain sdpa elsewhere)
+    start = time.perf_counter()
+    cache = stack_caches(sessions, room=len(ids) + max_new_tokens)  # copies: sessions stay as they are
+    n = len(sessions)
+    stop_ids = stop_token_ids(model, tokenizer)
+    generated = decode(model, cache, [ids] * n, [first.context_length] * n, [max_new_tokens] * n, stop_ids)
+    share = (time.perf_counter() - start) / n
+    return [
+        Answer(question, tokenizer.decode(tokens, skip_special_tokens=True).strip(), tokens, share)
+        for tokens in generated
+    ]

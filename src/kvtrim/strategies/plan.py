@@ -1,0 +1,58 @@
+"""A plan: a spec resolved into its scorer and budget, the strategy that runs it, and the schedule
+its engine uses. Made only by :mod:`kvtrim.strategies.planner`, which checks the combination."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from kvtrim.attention.interface import enable
+from kvtrim.budgets.base import Budget
+from kvtrim.core.spec import CompressionSpec
+from kvtrim.engine.eviction import PositionTracker, Selector
+from kvtrim.schedules import AfterPrefill, Chunked, DecodingSchedule, Schedule
+from kvtrim.scorers.base import Scorer
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one compression runs: ``run(model, tokenizer, context(s), plan, **options)`` makes its session."""
+
+    spec: CompressionSpec
+    scorer: Scorer
+    budget: Budget
+    run: Callable[..., Any]
+    #: whether the model must run kvtrim's attention function (ragged heads, per-layer lengths,
+    #: pruned channels)
+    kvtrim_attention: bool
+
+    def selector(self, n_tokens: int | None = None) -> Selector:
+        """Chunked prefill evicts down to the *final* budget after every chunk: a fixed token count."""
+        budget = self.budget
+        if self.spec.chunk_size is not None:
+            budget = budget.per_chunk(n_tokens or 0, self.spec.ratio) or budget
+        return Selector(self.scorer, budget, self.spec.ratio)
+
+    def schedule(self, n_tokens: int | None = None) -> Schedule:
+        """The engine's schedule for a context of ``n_tokens`` (after-prefill, chunked, decoding)."""
+        spec = self.spec
+        selector = self.selector(n_tokens)
+        evicts_again = spec.chunk_size is not None or spec.decode_budget is not None
+        positions = PositionTracker() if evicts_again else None
+        if spec.chunk_size is not None:
+            prefill: Schedule = Chunked(selector, positions)
+        else:
+            prefill = AfterPrefill(selector, positions, key_channels=spec.key_channels)
+        if spec.decode_budget is None:
+            return prefill
+        assert positions is not None
+        return DecodingSchedule(prefill, self.scorer, positions, spec.decode_budget, spec.evict_every)
+
+    def prepare(self, model: Any, tokenizer: Any) -> None:
+        """Ready the model (kvtrim's attention where the plan needs it), the scorer and the budget
+        (model-specific data such as calibration, computed once and cached)."""
+        if self.kvtrim_attention:
+            enable(model)
+        self.scorer.setup(model, tokenizer)
+        self.budget.setup(model, tokenizer)

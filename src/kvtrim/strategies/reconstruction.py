@@ -1,0 +1,186 @@
+"""Scoring by context reconstruction (KVzip), after an uncompressed prefill.
+
+Most methods score a layer from what its prefill already computed, so the engine evicts each
+layer right after its attention. KVzip instead scores the *whole* prefilled cache with extra
+forwards in which the model repeats the context. Those forwards need every layer's full cache,
+so the context is prefilled without eviction, then:
+
+1. each reconstruction input (prompt + a chunk of the context) is fed at positions T, T+1, …
+   right after the context; the engine hands every attention layer to a recorder that scores its
+   cache with the scorer (blockwise attention from the reconstruction queries, never a full T×T
+   matrix) and keeps the running max over chunks;
+2. after each forward the cache is restored to the context alone (zero-copy snapshot), so no
+   reconstruction token's K/V remains;
+3. every full-attention layer then keeps its budget's choice, counted as the engine counts.
+
+The cache peaks at the full context plus one chunk; ``stats.kv_bytes_peak`` says so.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from kvtrim.budgets.base import Budget
+from kvtrim.budgets.uniform import UniformBudget
+from kvtrim.cache.layers import cache_bytes, is_sliding, layer_bytes, layer_heads, layer_tokens
+from kvtrim.cache.snapshot import CacheSnapshot
+from kvtrim.core.stats import CompressionStats
+from kvtrim.engine.call import LayerCall
+from kvtrim.engine.compressor import Compressor
+from kvtrim.engine.eviction import Selector, keep_choice
+from kvtrim.generation import prefill
+from kvtrim.models.adapters import check_supported, max_context
+from kvtrim.models.forward import forward, new_cache
+from kvtrim.models.prompting import PromptLayout, encode_context
+from kvtrim.schedules import AfterPrefill, Schedule
+from kvtrim.scorers.base import Scorer
+from kvtrim.scorers.simple import NoEviction
+from kvtrim.sessions.session import Session
+from kvtrim.strategies.plan import Plan
+
+
+class ReconstructionRecorder(Schedule):
+    """On every forward, scores each full-attention layer's context pairs; evicts nothing."""
+
+    def __init__(self, scorer: Scorer, context_length: int):
+        self.scorer = scorer
+        self.context_length = context_length
+        self.scores: dict[int, torch.Tensor] = {}  # layer -> (B, Hkv, T) max over forwards
+
+    def takes(self, call: LayerCall) -> bool:
+        return True
+
+    def compress_layer(self, call: LayerCall) -> None:
+        layer = call.layer
+        keys = layer.keys  # (B, Hkv, T + q, D): the context, then this forward's tokens
+        view = call.view(keys, layer.values, call.key_positions(keys))
+        scores = self.scorer.score(view)[..., : self.context_length]  # (B, Hkv, T)
+        best = self.scores.get(call.idx)
+        self.scores[call.idx] = scores if best is None else torch.maximum(best, scores)
+
+
+def keep_everything() -> Schedule:
+    """A prefill that evicts nothing (sliding-window layers are still compacted)."""
+    return AfterPrefill(Selector(NoEviction(), UniformBudget(), 0.0))
+
+
+@torch.inference_mode()
+def score_by_reconstruction(
+    model: nn.Module,
+    tokenizer: Any,
+    cache: Any,
+    scorer: Scorer,
+    layout: PromptLayout,
+    context: str,
+    context_length: int,
+    seed: int = 0,
+) -> tuple[dict[int, torch.Tensor], int]:
+    """Per full-attention layer, the scores (B, Hkv, T) of its cached context pairs, and the
+    largest cache (bytes) held meanwhile. ``cache`` holds the uncompressed context and is left so."""
+    inputs = scorer.reconstruction_inputs(tokenizer, layout, context, max_context(model) - context_length)
+    recorder = ReconstructionRecorder(scorer, context_length)
+    compressor = Compressor(model, recorder, seed=seed)
+    snapshot = CacheSnapshot.take(cache)
+    peak = cache_bytes(cache)
+    with compressor.attached():
+        for ids in inputs:
+            positions = torch.arange(context_length, context_length + len(ids))[None]  # (1, q)
+            try:
+                forward(model, [ids], positions, cache)
+                peak = max(peak, cache_bytes(cache))
+            finally:
+                snapshot.restore(cache)  # drop the reconstruction tokens' K/V
+    return recorder.scores, max(peak, compressor.stats.kv_bytes_peak)
+
+
+def evict_by_scores(
+    cache: Any, scores: Mapping[int, torch.Tensor], selector: Selector, stats: CompressionStats
+):
+    """Keep ``selector``'s choice among every full-attention layer's scored pairs, counting each layer."""
+    n_layers = len(cache.layers)
+    for idx, layer in enumerate(cache.layers):
+        seq = layer_tokens(layer)
+        if not is_sliding(layer):
+            stats.layers_compressed += 1
+        if is_sliding(layer) or idx not in scores or not selector.evicts(seq):
+            stats.add_layer(layer_bytes(layer), layer_bytes(layer), seq, seq, layer_heads(layer))
+            continue
+        keep_choice(cache, idx, selector.select(scores[idx], idx, n_layers), stats)
+
+
+def reconstruction_choices(
+    model: nn.Module,
+    tokenizer: Any,
+    cache: Any,
+    scorer: Scorer,
+    layout: PromptLayout,
+    context: str,
+    context_length: int,
+    ratios: list[float],
+    policies: Mapping[str, Budget],
+    seed: int,
+) -> dict[tuple[float, str], list[torch.Tensor | None]]:
+    """Each (ratio, budget)'s choice for a reconstruction scorer, from one reconstruction of the
+    full cache: its scores depend on neither, and compressing applies the budget per layer."""
+    scores, _ = score_by_reconstruction(
+        model, tokenizer, cache, scorer, layout, context, context_length, seed
+    )
+    full_layers = [idx for idx, layer in enumerate(cache.layers) if not is_sliding(layer)]
+    n_layers = len(cache.layers)
+    cells: dict[tuple[float, str], list[torch.Tensor | None]] = {}
+    for ratio in ratios:
+        for budget_name, budget in policies.items():
+            selector = Selector(scorer, budget, ratio)
+            cells[(ratio, budget_name)] = [
+                selector.select(scores[idx], idx, n_layers)
+                if selector.evicts(layer_tokens(cache.layers[idx]))
+                else None
+                for idx in full_layers
+            ]
+    return cells
+
+
+@torch.inference_mode()
+def compress_by_reconstruction(
+    model: nn.Module,
+    tokenizer: Any,
+    context: str,
+    plan: Plan,
+    *,
+    use_chat_template: bool | None = None,
+    seed: int = 0,
+    question: str | None = None,
+) -> Session:
+    """Prefill ``context`` keeping every pair, score it by reconstruction, then evict every layer."""
+    check_supported(model)
+    layout, ids = encode_context(model, tokenizer, context, use_chat_template)
+    plan.prepare(model, tokenizer)
+    cache = new_cache(model)
+    with Compressor(model, keep_everything(), seed=seed).attached():
+        _, prefill_s = prefill(model, cache, [ids])
+    start = time.perf_counter()
+    stats = CompressionStats()
+    scores, peak = score_by_reconstruction(
+        model, tokenizer, cache, plan.scorer, layout, context, len(ids), seed
+    )
+    evict_by_scores(cache, scores, plan.selector(), stats)
+    stats.kv_bytes_peak = peak
+    stats.compress_s = time.perf_counter() - start
+    return Session(
+        model=model,
+        tokenizer=tokenizer,
+        cache=cache,
+        layout=layout,
+        context_length=len(ids),
+        method=plan.scorer.name,
+        ratio=plan.spec.ratio,
+        stats=stats,
+        prefill_s=prefill_s,
+        budget=plan.budget.name,
+        spec=plan.spec,
+    )

@@ -1,0 +1,106 @@
+"""Scoring one prefill for many cells at once: every scorer once per layer, every budget's choice
+for every ratio recorded, nothing evicted (the shared-prefill strategies build each cell from it)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from kvtrim.budgets.base import Budget
+from kvtrim.cache.layers import layer_bytes, layer_tokens
+from kvtrim.core.spec import Cell
+from kvtrim.engine.call import LayerCall
+from kvtrim.engine.eviction import Selector
+from kvtrim.schedules.base import Schedule
+from kvtrim.scorers.base import LayerView, Scorer
+
+
+class ScoreRecorder(Schedule):
+    """Scores every layer with every scorer and records each cell's choice; evicts nothing.
+
+    ``kept[cell]`` holds, per non-sliding layer, what the budget selected ((B, Hkv, K) indices or
+    a (B, Hkv, T) keep mask) or None when the cell keeps everything; for a left-padded batch
+    (``padding``), a list with one (1, Hkv, K_b) choice (or None) per element.
+    """
+
+    def __init__(
+        self,
+        scorers: Mapping[str, Scorer],
+        ratios: list[float],
+        budgets: Mapping[str, Budget],
+        padding: list[int] | None = None,
+    ):
+        self.scorers = dict(scorers)
+        self.ratios = ratios
+        self.budgets = dict(budgets)
+        self.padding = padding
+        self.kept: dict[Cell, list[Any]] = {
+            Cell(name, r, b): [] for name in self.scorers for r in ratios for b in self.budgets
+        }
+        self.score_s: dict[str, float] = dict.fromkeys(self.scorers, 0.0)
+        self.select_s: dict[Cell, float] = dict.fromkeys(self.kept, 0.0)
+
+    def takes(self, call: LayerCall) -> bool:
+        return call.is_first_forward
+
+    def compress_layer(self, call: LayerCall) -> None:
+        layer = call.layer
+        seq = layer_tokens(layer)
+        call.stats.layers_compressed += 1
+        if self.padding is None:
+
+            def make_view() -> LayerView:
+                return call.view(layer.keys, layer.values, call.key_positions(layer.keys))
+
+            for cell, chosen in self._choices(call, seq, make_view).items():
+                self.kept[cell].append(chosen)
+            call.account(layer, layer_bytes(layer), seq, seq)
+            return
+        per_element = [
+            self._choices(call, seq - pad, lambda b=b, pad=pad: call.element_view(b, pad, lambda n: None))
+            for b, pad in enumerate(self.padding)
+        ]
+        for cell in self.kept:
+            self.kept[cell].append([choices[cell] for choices in per_element])
+
+    def _choices(self, call: LayerCall, seq: int, make_view: Callable[[], LayerView]) -> dict[Cell, Any]:
+        """Every cell's choice for one layer of ``seq`` pairs: what the budget selects, or None
+        when the cell keeps everything. Each scorer runs once, on a view built at most once."""
+        view = None
+        choices: dict[Cell, Any] = {}
+        for name, scorer in self.scorers.items():
+            selectors = {
+                (r, b): Selector(scorer, budget, r) for r in self.ratios for b, budget in self.budgets.items()
+            }
+            evicting = {key: selector.evicts(seq) for key, selector in selectors.items()}
+            scores = None
+            if any(evicting.values()):
+                start = time.perf_counter()
+                if view is None:
+                    view = make_view()
+                if not scorer.uses_budget:
+                    scores = scorer.score(view)  # (B, Hkv, T)
+                self.score_s[name] += time.perf_counter() - start
+            for (ratio, budget_name), selector in selectors.items():
+                cell = Cell(name, ratio, budget_name)
+                choices[cell] = None
+                if evicting[(ratio, budget_name)]:
+                    choices[cell] = self._select(call, cell, selector, view, scores, seq)
+        return choices
+
+    def _select(
+        self, call: LayerCall, cell: Cell, selector: Selector, view: LayerView, scores: Any, seq: int
+    ) -> torch.Tensor:
+        start = time.perf_counter()
+        if selector.scorer.uses_budget:  # its scores depend on the cell's kept count: rescore
+            keep = selector.layer_keep(seq, call.idx, call.n_layers)
+            scores = selector.scorer.score(dataclasses.replace(view, budget_keep=keep))  # (B, Hkv, T)
+            self.score_s[cell.method] += time.perf_counter() - start
+            start = time.perf_counter()
+        chosen = selector.select(scores, call.idx, call.n_layers)
+        self.select_s[cell] += time.perf_counter() - start
+        return chosen

@@ -1,0 +1,53 @@
+"""One context, compressed while it is prefilled (one shot, chunk by chunk, evicting while decoding)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from kvtrim.engine.compressor import Compressor
+from kvtrim.generation import prefill
+from kvtrim.models.adapters import check_supported
+from kvtrim.models.forward import new_cache
+from kvtrim.models.prompting import encode_context
+from kvtrim.sessions.session import Session
+from kvtrim.strategies.plan import Plan
+
+
+@torch.inference_mode()
+def compress_single(
+    model: nn.Module,
+    tokenizer: Any,
+    context: str,
+    plan: Plan,
+    *,
+    use_chat_template: bool | None = None,
+    seed: int = 0,
+    question: str | None = None,
+) -> Session:
+    """Prefill ``context`` (then ``question``, query-aware) with the plan's schedule attached."""
+    check_supported(model)
+    layout, ids = encode_context(model, tokenizer, context, use_chat_template, question)
+    compressor = Compressor(model, plan.schedule(len(ids)), seed=seed)
+    plan.prepare(model, tokenizer)
+    cache = new_cache(model)
+    with compressor.attached():
+        _, elapsed = prefill(model, cache, [ids], chunk_size=plan.spec.chunk_size)
+    compressor.stats = compressor.schedule.finish(cache, len(ids), compressor.stats)
+    return Session(
+        model=model,
+        tokenizer=tokenizer,
+        cache=cache,
+        layout=layout,
+        context_length=len(ids),
+        method=plan.scorer.name,
+        ratio=plan.spec.ratio,
+        stats=compressor.stats,
+        prefill_s=elapsed - compressor.stats.compress_s,
+        compressor=compressor if plan.spec.decode_budget is not None else None,
+        budget=plan.budget.name,
+        question=question,
+        spec=plan.spec,
+    )
