@@ -45,16 +45,9 @@ class CellSources:
         if not self.share:
             return Source(lambda cell: self._alone(context, cell, chat, question), shared=False)
         start = time.perf_counter()
+        scorers, ratios, options = self._axes(cells, chat)
         prefill = prefill_once(
-            self.model,
-            self.tokenizer,
-            context,
-            {m: self.scorers[m] for m in dict.fromkeys(c.method for c in cells)},
-            list(dict.fromkeys(c.ratio for c in cells)),
-            budgets=list(dict.fromkeys(c.budget for c in cells)),
-            use_chat_template=chat,
-            seed=self.seed,
-            question=question,
+            self.model, self.tokenizer, context, scorers, ratios, question=question, **options
         )
         return Source(lambda cell: prefill.session(*cell), True, len(cells), time.perf_counter() - start)
 
@@ -63,17 +56,16 @@ class CellSources:
         if not self.share:
             return Source(lambda cell: self._alone(contexts, cell, chat), shared=False)
         start = time.perf_counter()
-        prefill = prefill_batch_once(
-            self.model,
-            self.tokenizer,
-            contexts,
-            {m: self.scorers[m] for m in dict.fromkeys(c.method for c in cells)},
-            list(dict.fromkeys(c.ratio for c in cells)),
-            budgets=list(dict.fromkeys(c.budget for c in cells)),
-            use_chat_template=chat,
-            seed=self.seed,
-        )
+        scorers, ratios, options = self._axes(cells, chat)
+        prefill = prefill_batch_once(self.model, self.tokenizer, contexts, scorers, ratios, **options)
         return Source(lambda cell: prefill.session(*cell), True, len(cells), time.perf_counter() - start)
+
+    def _axes(self, cells: list[Cell], chat: bool) -> tuple[dict[str, Scorer], list[float], dict[str, Any]]:
+        """The scorers, ratios and other options one prefill serves ``cells`` with."""
+        scorers = {m: self.scorers[m] for m in dict.fromkeys(c.method for c in cells)}
+        ratios = list(dict.fromkeys(c.ratio for c in cells))
+        budgets = list(dict.fromkeys(c.budget for c in cells))
+        return scorers, ratios, {"budgets": budgets, "use_chat_template": chat, "seed": self.seed}
 
     def _alone(self, context: str | list[str], cell: Cell, chat: bool, question: str | None = None) -> Any:
         """The cell compressed on its own (the reference the shared paths are checked against)."""

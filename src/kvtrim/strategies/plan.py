@@ -10,9 +10,12 @@ from typing import Any
 from kvtrim.attention.interface import enable
 from kvtrim.budgets.base import Budget
 from kvtrim.core.spec import CompressionSpec
+from kvtrim.core.stats import CompressionStats
 from kvtrim.engine.eviction import PositionTracker, Selector
+from kvtrim.models.prompting import PromptLayout
 from kvtrim.schedules import AfterPrefill, Chunked, DecodingSchedule, Schedule
 from kvtrim.scorers.base import Scorer
+from kvtrim.sessions.session import Session
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,33 @@ class Plan:
             return prefill
         assert positions is not None
         return DecodingSchedule(prefill, self.scorer, positions, spec.decode_budget, spec.evict_every)
+
+    def session(
+        self,
+        model: Any,
+        tokenizer: Any,
+        cache: Any,
+        layout: PromptLayout,
+        context_length: int,
+        stats: CompressionStats,
+        prefill_s: float,
+        **extra: Any,
+    ) -> Session:
+        """The session a compression by this plan left (``extra``: its question, its compressor)."""
+        return Session(
+            model=model,
+            tokenizer=tokenizer,
+            cache=cache,
+            layout=layout,
+            context_length=context_length,
+            method=self.scorer.name,
+            ratio=self.spec.ratio,
+            stats=stats,
+            prefill_s=prefill_s,
+            budget=self.budget.name,
+            spec=self.spec,
+            **extra,
+        )
 
     def prepare(self, model: Any, tokenizer: Any) -> None:
         """Ready the model (kvtrim's attention where the plan needs it), the scorer and the budget

@@ -171,16 +171,4 @@ def compress_by_reconstruction(
     evict_by_scores(cache, scores, plan.selector(), stats)
     stats.kv_bytes_peak = peak
     stats.compress_s = time.perf_counter() - start
-    return Session(
-        model=model,
-        tokenizer=tokenizer,
-        cache=cache,
-        layout=layout,
-        context_length=len(ids),
-        method=plan.scorer.name,
-        ratio=plan.spec.ratio,
-        stats=stats,
-        prefill_s=prefill_s,
-        budget=plan.budget.name,
-        spec=plan.spec,
-    )
+    return plan.session(model, tokenizer, cache, layout, len(ids), stats, prefill_s)

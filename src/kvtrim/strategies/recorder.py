@@ -12,11 +12,21 @@ import torch
 
 from kvtrim.budgets.base import Budget
 from kvtrim.cache.layers import layer_bytes, layer_tokens
+from kvtrim.core.errors import KVTrimError
+from kvtrim.core.ratios import check_ratio
 from kvtrim.core.spec import Cell
 from kvtrim.engine.call import LayerCall
 from kvtrim.engine.eviction import Selector
 from kvtrim.schedules.base import Schedule
 from kvtrim.scorers.base import LayerView, Scorer
+
+
+def recorded_cell(kept: Mapping[Cell, Any], method: str, ratio: float, budget: str) -> Cell:
+    """The cell of a shared prefill's recorded choices, or one clear error naming the cells there are."""
+    key = Cell(method, check_ratio(ratio), budget)
+    if key not in kept:
+        raise KVTrimError(f"No cell {tuple(key)} in this prefill; cells: {[tuple(c) for c in kept]}")
+    return key
 
 
 class ScoreRecorder(Schedule):

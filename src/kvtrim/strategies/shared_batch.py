@@ -33,7 +33,7 @@ from kvtrim.scorers.base import Scorer
 from kvtrim.sessions.batch import BatchSession
 from kvtrim.strategies.padded_batch import left_padding
 from kvtrim.strategies.planner import budget_map, check_batchable, check_shared_scorers, scorer_map
-from kvtrim.strategies.recorder import ScoreRecorder
+from kvtrim.strategies.recorder import ScoreRecorder, recorded_cell
 
 
 @dataclass
@@ -57,11 +57,7 @@ class SharedBatchPrefill:
 
     def session(self, method: str, ratio: float, budget: str = "uniform") -> BatchSession:
         """The batch as ``kvtrim.compress(contexts, method, ratio, budget=budget)`` would leave it."""
-        key = Cell(method, check_ratio(ratio), budget)
-        if key not in self.kept:
-            raise KVTrimError(
-                f"No cell {tuple(key)} in this prefill; cells: {[tuple(c) for c in self.cells()]}"
-            )
+        key = recorded_cell(self.kept, method, ratio, budget)
         cache = copy.copy(self.full_cache)
         cache.layers = []
         padding = self.padding

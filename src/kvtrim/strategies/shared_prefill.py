@@ -24,7 +24,6 @@ from kvtrim.attention.interface import enable
 from kvtrim.budgets.base import Budget
 from kvtrim.cache.keep import keep_selected
 from kvtrim.cache.layers import is_sliding, layer_bytes, layer_heads, layer_tokens, logical_bytes
-from kvtrim.core.errors import KVTrimError
 from kvtrim.core.ratios import check_ratio
 from kvtrim.core.spec import Cell
 from kvtrim.core.stats import CompressionStats
@@ -36,7 +35,7 @@ from kvtrim.scorers.base import Scorer
 from kvtrim.sessions.session import Session
 from kvtrim.strategies.planner import budget_map, check_shared_scorers, needs_kvtrim_attention, scorer_map
 from kvtrim.strategies.reconstruction import reconstruction_choices
-from kvtrim.strategies.recorder import ScoreRecorder
+from kvtrim.strategies.recorder import ScoreRecorder, recorded_cell
 
 
 @dataclass
@@ -61,11 +60,7 @@ class SharedPrefill:
     def session(self, method: str, ratio: float, budget: str = "uniform") -> Session:
         """A session whose cache holds exactly what ``compress(context, method, ratio, budget=budget)``
         would keep."""
-        key = Cell(method, check_ratio(ratio), budget)
-        if key not in self.kept:
-            raise KVTrimError(
-                f"No cell {tuple(key)} in this prefill; cells: {[tuple(c) for c in self.cells()]}"
-            )
+        key = recorded_cell(self.kept, method, ratio, budget)
         cache = copy.copy(self.full_cache)
         cache.layers = []
         stats = CompressionStats(compress_s=self.score_s.get(method, 0.0) + self.select_s.get(key, 0.0))

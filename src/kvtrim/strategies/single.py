@@ -35,19 +35,10 @@ def compress_single(
     cache = new_cache(model)
     with compressor.attached():
         _, elapsed = prefill(model, cache, [ids], chunk_size=plan.spec.chunk_size)
-    compressor.stats = compressor.schedule.finish(cache, len(ids), compressor.stats)
-    return Session(
-        model=model,
-        tokenizer=tokenizer,
-        cache=cache,
-        layout=layout,
-        context_length=len(ids),
-        method=plan.scorer.name,
-        ratio=plan.spec.ratio,
-        stats=compressor.stats,
-        prefill_s=elapsed - compressor.stats.compress_s,
-        compressor=compressor if plan.spec.decode_budget is not None else None,
-        budget=plan.budget.name,
-        question=question,
-        spec=plan.spec,
+    stats = compressor.schedule.finish(cache, len(ids), compressor.stats)
+    compressor.stats = stats
+    evictor = compressor if plan.spec.decode_budget is not None else None  # attached while answering
+    prefill_s = elapsed - stats.compress_s
+    return plan.session(
+        model, tokenizer, cache, layout, len(ids), stats, prefill_s, question=question, compressor=evictor
     )
