@@ -9,6 +9,7 @@ from kvtrim.bench.plots import plot_accuracy, plot_needle_grid, plot_perplexity
 from kvtrim.bench.results import CONFIG_FILE, RESULTS_FILE, read_results
 from kvtrim.bench.tables import Row, comparison_markdown, summary_markdown
 from kvtrim.core.errors import KVTrimError
+from kvtrim.core.files import write_atomic
 
 
 def load_rows(out_dir: str | Path) -> list[Row]:
@@ -42,7 +43,7 @@ def write_report(out_dir: str | Path, plots: bool = True) -> tuple[str, list[Pat
         if files:
             markdown += "\n## Plots\n\n" + "\n".join(f"![{f.stem}]({f.name})" for f in files) + "\n"
     report = folder / "report.md"
-    report.write_text(markdown, encoding="utf-8")
+    write_atomic(report, markdown.encode())
     return markdown, [report, *files]
 
 

@@ -18,48 +18,19 @@ from typing import Any
 import torch
 
 from kvtrim.attention.interface import enable
-from kvtrim.cache.layers import has_pruned_channels, head_pairs, is_sliding, layer_batch_size
+from kvtrim.cache.layers import head_pairs
 from kvtrim.cache.masked import HeadMaskedLayer
-from kvtrim.core.errors import KVTrimError
 from kvtrim.generation import decode, stop_token_ids
 from kvtrim.sessions.answer import Answer
 from kvtrim.sessions.session import Session
-
-
-def _head_pairs(layer: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A single-context layer's kept pairs per KV head: Hkv × (keys (K_h, D), values (K_h, Dv))."""
-    if has_pruned_channels(layer):
-        raise KVTrimError("A cell batch cannot hold keys with pruned channels (ThinK).")
-    if is_sliding(layer):
-        raise KVTrimError("A cell batch cannot hold sliding-window layers.")
-    if layer_batch_size(layer) != 1:
-        raise KVTrimError("A cell batch stacks single-context sessions (batch size 1).")
-    return head_pairs(layer)
-
-
-def check_stackable(sessions: Sequence[Session]) -> None:
-    """Refuse sessions that cannot share one question's batch (clear reasons, before any work)."""
-    if not sessions:
-        raise KVTrimError("No session to answer.")
-    first = sessions[0]
-    for session in sessions:
-        if session.model is not first.model or session.context_length != first.context_length:
-            raise KVTrimError("A cell batch needs sessions of the same model and context.")
-        if session.layout != first.layout:
-            raise KVTrimError("A cell batch needs sessions laid out alike (same prompt template).")
-        if session.question != first.question:
-            raise KVTrimError("Query-aware sessions of one batch must hold the same question.")
-        if session.evicts_while_decoding:
-            raise KVTrimError("A session evicting while decoding cannot be batched.")
-        if len(session.cache.layers) != len(first.cache.layers):
-            raise KVTrimError("A cell batch needs sessions with as many cache layers.")
+from kvtrim.strategies.planner import check_cell_batch
 
 
 def stack_caches(sessions: Sequence[Session], room: int) -> Any:
     """One cache whose row b holds session b's kept pairs (see the module docstring)."""
     cache = copy.copy(sessions[0].cache)
     cache.layers = [
-        HeadMaskedLayer.stack([_head_pairs(s.cache.layers[idx]) for s in sessions], room)
+        HeadMaskedLayer.stack([head_pairs(s.cache.layers[idx]) for s in sessions], room)
         for idx in range(len(sessions[0].cache.layers))
     ]
     return cache
@@ -77,7 +48,7 @@ def answer_cells(
     Each answer's ``answer_s`` is its share of the batch's wall time. The sessions themselves are
     left untouched.
     """
-    check_stackable(sessions)
+    check_cell_batch(sessions)
     first = sessions[0]
     model, tokenizer = first.model, first.tokenizer
     question, ids = first.prompt_ids(question, max_new_tokens, answer_prefix)

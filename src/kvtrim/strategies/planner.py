@@ -7,16 +7,18 @@ only this module reads those declarations, so nothing else in the pipeline tests
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
 
 from kvtrim.budgets import BUDGETS, Budget, make_budget
+from kvtrim.cache.layers import has_pruned_channels, is_sliding, layer_batch_size
 from kvtrim.core.errors import KVTrimError
 from kvtrim.core.spec import CompressionSpec, parse_named
 from kvtrim.models.adapters import has_sliding_layers
 from kvtrim.scorers import SCORERS, Scorer, make_scorer
+from kvtrim.sessions.session import Session
 from kvtrim.strategies.padded_batch import compress_batch
 from kvtrim.strategies.plan import Plan
 from kvtrim.strategies.reconstruction import compress_by_reconstruction
@@ -162,6 +164,36 @@ def batchable(model: nn.Module, budget: Budget, scorer: Scorer, has_question: bo
     except KVTrimError:
         return False
     return True
+
+
+def check_cell_batch(sessions: Sequence[Session]) -> None:
+    """Refuse sessions that cannot share one question's batch (clear reasons, before any work):
+    one model and context, one layout and question, and layers a cell batch can stack."""
+    if not sessions:
+        raise KVTrimError("No session to answer.")
+    first = sessions[0]
+    for session in sessions:
+        if session.model is not first.model or session.context_length != first.context_length:
+            raise KVTrimError("A cell batch needs sessions of the same model and context.")
+        if session.layout != first.layout:
+            raise KVTrimError("A cell batch needs sessions laid out alike (same prompt template).")
+        if session.question != first.question:
+            raise KVTrimError("Query-aware sessions of one batch must hold the same question.")
+        if session.evicts_while_decoding:
+            raise KVTrimError("A session evicting while decoding cannot be batched.")
+        if len(session.cache.layers) != len(first.cache.layers):
+            raise KVTrimError("A cell batch needs sessions with as many cache layers.")
+        for layer in session.cache.layers:
+            _check_stackable_layer(layer)
+
+
+def _check_stackable_layer(layer: Any) -> None:
+    if has_pruned_channels(layer):
+        raise KVTrimError("A cell batch cannot hold keys with pruned channels (ThinK).")
+    if is_sliding(layer):
+        raise KVTrimError("A cell batch cannot hold sliding-window layers.")
+    if layer_batch_size(layer) != 1:
+        raise KVTrimError("A cell batch stacks single-context sessions (batch size 1).")
 
 
 def check_sweep_budget(label: str) -> Budget:
