@@ -91,8 +91,8 @@ def add_compression_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--spec",
         default=None,
-        help="the whole compression as one spec, e.g. knorm@0.5+adaptive/chunk=512 (instead of the "
-        "method, ratio, budget, chunk, decoding and key-channel flags)",
+        help="the whole compression as one spec, e.g. knorm@0.75+tokens:tokens=512/chunk=256 (instead "
+        "of the method, ratio, budget, chunk, decoding and key-channel flags)",
     )
     parser.add_argument(
         "--budget",
