@@ -39,4 +39,4 @@ bench: setup
 	$(BIN)/python benchmarks/core_speed_memory.py
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache .import_linter_cache

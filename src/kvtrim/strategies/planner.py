@@ -43,7 +43,7 @@ def plan(
     if batch:
         check_batchable(batch_of, policy)
         check_batch_method(scorer)
-    check_question(scorer, spec.query_aware, scorer.name)
+    check_question(scorer, spec.query_aware)
     if spec.chunk_size is not None:
         check_chunked(scorer, policy)
     check_key_channels(spec, scorer)
@@ -88,8 +88,8 @@ def check_question(scorer: Scorer, query_aware: bool, label: str | None = None) 
     name = label or scorer.name
     if scorer.query_aware and not query_aware:
         raise KVTrimError(
-            f"Method {name!r} compresses the question with the context: pass question=... "
-            "(kvtrim ask does so for each -q)."
+            f"Method {name!r} needs the question while compressing (it compresses the question with the "
+            "context): pass question=... (kvtrim ask does so for each -q)."
         )
     if scorer.needs_reconstruction and query_aware:
         raise KVTrimError(f"Method {name!r} reconstructs the context alone; it takes no question.")
@@ -212,13 +212,7 @@ def check_sweep_budget(label: str) -> Budget:
 def check_shared_scorers(scorers: Mapping[str, Scorer], question: str | None) -> None:
     """Scorers sharing one prefill: query-aware ones need its question, reconstruction ones refuse it."""
     for name, scorer in scorers.items():
-        if scorer.needs_reconstruction and question is not None:
-            raise KVTrimError(f"Method {name!r} reconstructs the context alone; it takes no question.")
-        if scorer.query_aware and question is None:
-            raise KVTrimError(
-                f"Method {name!r} needs the question while compressing; it cannot share a "
-                "question-agnostic prefill (pass question=...)."
-            )
+        check_question(scorer, question is not None, name)
 
 
 def scorer_map(methods: Iterable[str | Scorer] | Mapping[str, Scorer]) -> dict[str, Scorer]:
