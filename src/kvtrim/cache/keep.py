@@ -24,8 +24,9 @@ def gather_positions(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tenso
 
     tensor: (B, Hkv, T, D), indices: (B, Hkv, K) -> (B, Hkv, K, D)
     """
-    expanded = indices[..., None].expand(-1, -1, -1, tensor.shape[-1])
-    return torch.gather(tensor, 2, expanded).contiguous()
+    batch = torch.arange(tensor.shape[0], device=tensor.device)[:, None, None]  # (B, 1, 1)
+    heads = torch.arange(tensor.shape[1], device=tensor.device)[None, :, None]  # (1, Hkv, 1)
+    return tensor[batch, heads, indices]  # advanced indexing: a new contiguous tensor
 
 
 def left_padded_index(kept: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:

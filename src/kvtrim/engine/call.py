@@ -107,11 +107,11 @@ class LayerCall:
         rope = rope_function(attn)
         rotary = rotary_for(self.model, attn)
 
-        def pre_rope_queries() -> torch.Tensor:
+        def pre_rope_queries(last: int | None = None) -> torch.Tensor:
             if projected is None:
                 raise RuntimeError("queries were not captured for this layer")
             with torch.inference_mode():
-                return queries_from_projection(attn, projected)
+                return queries_from_projection(attn, projected if last is None else projected[:, -last:])
 
         def rotate(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode():
@@ -132,7 +132,7 @@ class LayerCall:
             seed=self.seed,
             output_weight=output_weight(attn),
             budget_keep=budget_keep,
-            rope_key=rotary.layer_type,
+            rope_key=("rope", rotary.layer_type),
             rotation_cache=rotation_cache(rotary.rotary),
         )
 

@@ -5,6 +5,7 @@ RoPE function and rotary embedding for arbitrary positions, and its window.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 from collections.abc import Callable
@@ -133,8 +134,13 @@ class RotaryAt:
 
 def rotary_for(model: nn.Module, attn: nn.Module) -> RotaryAt:
     rotary = decoder(model).rotary_emb
-    takes_layer_type = "layer_type" in inspect.signature(rotary.forward).parameters  # Gemma3
-    return RotaryAt(rotary, getattr(attn, "layer_type", None), takes_layer_type)
+    return RotaryAt(rotary, getattr(attn, "layer_type", None), _takes_layer_type(type(rotary)))
+
+
+@functools.cache
+def _takes_layer_type(rotary_type: type) -> bool:
+    """Whether the rotary embedding is called per layer type (Gemma3); one look per class."""
+    return "layer_type" in inspect.signature(rotary_type.forward).parameters
 
 
 def rotation_cache(rotary: nn.Module) -> dict:

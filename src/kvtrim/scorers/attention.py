@@ -22,7 +22,11 @@ def attention_probs(view: LayerView, queries: torch.Tensor, query_positions: tor
     bsz, n_kv, seq, dim = view.keys.shape
     q = queries.float().reshape(bsz, n_kv, view.group_size, -1, dim)  # (B, Hkv, G, W, D)
     logits = view.scaling * torch.einsum("bjgwd,bjtd->bjgwt", q, view.keys.float())  # (B, Hkv, G, W, T)
-    key_pos = view.key_positions.to(logits.device)
-    hidden = key_pos[None, :] > query_positions.to(logits.device)[:, None]  # (W, T), True = in the future
-    logits = logits.masked_fill(hidden, -torch.inf)
+    key_pos = view.key_positions.to(logits.device)  # (T,) ascending
+    query_pos = query_positions.to(logits.device)  # (W,)
+    # only keys after the first query can be in some query's future: mask just those columns
+    cut = int(torch.searchsorted(key_pos, query_pos.min(), right=True))
+    if cut < seq:
+        hidden = key_pos[None, cut:] > query_pos[:, None]  # (W, T − cut), True = in the future
+        logits[..., cut:].masked_fill_(hidden, -torch.inf)
     return torch.softmax(logits, dim=-1)  # (B, Hkv, G, W, T)

@@ -39,7 +39,8 @@ class LayerView:
     n_heads: int
     head_dim: int
     scaling: float
-    pre_rope_queries: Callable[[], torch.Tensor]
+    #: () -> all queries (B, H, Tq, D) pre-RoPE; (n) -> only the last n of them
+    pre_rope_queries: Callable[..., torch.Tensor]
     rotate_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     seed: int = 0
     output_weight: torch.Tensor | None = None
@@ -57,10 +58,15 @@ class LayerView:
     def group_size(self) -> int:
         return self.n_heads // self.n_kv_heads
 
-    def queries(self, rotated: bool = False) -> torch.Tensor:
-        """Queries of the current forward's tokens: (B, H, Tq, D), pre-RoPE (q-norm applied) or post-RoPE."""
-        q = self.pre_rope_queries()
-        return self.rotate(q, self.query_positions) if rotated else q
+    def queries(self, rotated: bool = False, last: int | None = None) -> torch.Tensor:
+        """Queries of the current forward's tokens: (B, H, Tq, D), pre-RoPE (q-norm applied) or
+        post-RoPE. ``last=n`` computes only the last n of them (B, H, n, D) — the same values."""
+        if last is None:
+            q, positions = self.pre_rope_queries(), self.query_positions
+        else:
+            last = min(last, len(self.query_positions))
+            q, positions = self.pre_rope_queries(last), self.query_positions[-last:]
+        return self.rotate(q, positions) if rotated else q
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Apply the layer's RoPE to x: (B, H, P, D) at positions (P,)."""

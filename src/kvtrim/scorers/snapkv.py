@@ -30,7 +30,7 @@ def snapkv_scores(view: LayerView, window: int, kernel_size: int) -> torch.Tenso
     """SnapKV scores (B, Hkv, T); the keys of the observation window score +inf."""
     bsz, n_kv, seq, _ = view.keys.shape
     n_window = min(window, len(view.query_positions))
-    queries = view.queries(rotated=True)[:, :, -n_window:]  # (B, H, W, D)
+    queries = view.queries(rotated=True, last=n_window)  # (B, H, W, D)
     window_pos = view.query_positions[-n_window:]  # (W,)
     probs = attention_probs(view, queries, window_pos)  # (B, Hkv, G, W, T)
     in_window = view.key_positions.to(probs.device) >= window_pos[0].to(probs.device)  # (T,)

@@ -28,7 +28,7 @@ class TOVA(Scorer):
 
     def score(self, view: LayerView) -> torch.Tensor:
         bsz, n_kv, seq, _ = view.keys.shape
-        last = view.queries(rotated=True)[:, :, -1:]  # (B, H, 1, D)
+        last = view.queries(rotated=True, last=1)  # (B, H, 1, D)
         probs = attention_probs(view, last, view.query_positions[-1:])[:, :, :, 0]  # (B, Hkv, G, T)
         if self.per_kv_head:
             scores = probs.mean(dim=2)  # (B, Hkv, T)
