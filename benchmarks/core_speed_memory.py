@@ -1,10 +1,14 @@
-"""Prefill time, scoring time per method (as a fraction of prefill) and KV bytes after
-compression against (1 − ratio) × full, on the embedded model at 2k and 4k tokens.
+"""What compression costs on the embedded model: scoring time per method as a fraction of the
+prefill, KV bytes kept against (1 − ratio) × full, and what kvtrim's hooks cost against plain
+transformers on the same input.
 
-Targets: scoring ≤ 5% of prefill; bytes after within 2% of (1 − ratio) × full.
-Not a test: it prints figures measured in one run (and saves them as JSON with --out).
+Targets (issue "compression that costs nothing"): scoring ≤ 2% of the prefill for every scorer
+that needs no extra forward pass; with method ``none``, prefill + decode within 2% of plain
+transformers. Not a test: it prints figures measured in one run (``--out`` saves them as JSON).
+Run it alone on the machine, with OMP_NUM_THREADS set.
 
-    python benchmarks/core_speed_memory.py [--lengths 2048,4096] [--ratio 0.5] [--out FILE]
+    python benchmarks/core_speed_memory.py [--lengths 1024,2048,4096,8000] [--ratio 0.5]
+        [--methods all] [--repeats 2] [--decode 32] [--out FILE]
 """
 
 from __future__ import annotations
@@ -12,47 +16,35 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
+
+import torch
 
 import kvtrim
 from kvtrim.bench.tasks.needle import needle_sample
+from kvtrim.scorers import SCORERS
 
-METHODS = ("none", "knorm", "expected-attention", "qfilters", "streaming-llm", "random")
+MIB = 1024 * 1024
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--lengths", default="2048,4096")
-    parser.add_argument("--ratio", type=float, default=0.5)
-    parser.add_argument("--repeats", type=int, default=2, help="runs per cell; the median is kept")
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--out", default=None, help="also write the rows as JSON here")
-    args = parser.parse_args()
-
-    model, tokenizer = kvtrim.load_model(args.model)
+def scoring_rows(
+    model, tokenizer, context: str, methods: list[str], ratio: float, repeats: int
+) -> list[dict]:
+    """Per method: the median prefill and compression times over ``repeats`` runs, and the bytes."""
     rows = []
-    header = (
-        f"{'tokens':>6} {'method':<19} {'prefill s':>9} {'score s':>8} {'score/prefill':>13} "
-        f"{'KV MiB full':>11} {'KV MiB kept':>11} {'kept/(1-r)full':>14}"
-    )
-    print(header)
-    print("-" * len(header))
-    for length in (int(x) for x in args.lengths.split(",")):
-        sample = needle_sample(tokenizer, length, depth=0.5)
-        for method in METHODS:
-            runs = [
-                kvtrim.compress(model, tokenizer, sample.context, method=method, ratio=args.ratio)
-                for _ in range(args.repeats)
-            ]
-            prefill = statistics.median(r.prefill_s for r in runs)
-            score = statistics.median(r.stats.compress_s for r in runs)
-            stats = runs[-1].stats
-            target = stats.kv_bytes_before * (1 - args.ratio) if method != "none" else stats.kv_bytes_before
-            row = dict(
+    for method in methods:
+        runs = [
+            kvtrim.compress(model, tokenizer, context, method=method, ratio=ratio) for _ in range(repeats)
+        ]
+        prefill = statistics.median(r.prefill_s for r in runs)
+        score = statistics.median(r.stats.compress_s for r in runs)
+        stats = runs[-1].stats
+        target = stats.kv_bytes_before * (1 - ratio) if method != "none" else stats.kv_bytes_before
+        rows.append(
+            dict(
                 tokens=runs[-1].context_length,
                 method=method,
-                ratio=args.ratio,
+                ratio=ratio,
                 prefill_s=prefill,
                 score_s=score,
                 score_fraction=score / prefill,
@@ -60,18 +52,92 @@ def main() -> None:
                 kv_bytes_kept=stats.kv_bytes_after,
                 kept_vs_target=stats.kv_bytes_after / target,
             )
-            rows.append(row)
-            mib = 1024 * 1024
-            print(
-                f"{row['tokens']:>6} {method:<19} {prefill:>9.2f} {score:>8.3f} "
-                f"{row['score_fraction']:>13.1%} "
-                f"{stats.kv_bytes_before / mib:>11.2f} {stats.kv_bytes_after / mib:>11.2f} "
-                f"{row['kept_vs_target']:>14.4f}",
-                flush=True,
-            )
+        )
+        row = rows[-1]
+        print(
+            f"{row['tokens']:>6} {method:<30} {prefill:>9.2f} {score:>8.3f} {row['score_fraction']:>8.1%} "
+            f"{stats.kv_bytes_before / MIB:>9.1f} {stats.kv_bytes_after / MIB:>9.1f} {row['kept_vs_target']:>8.4f}",
+            flush=True,
+        )
+    return rows
+
+
+@torch.inference_mode()
+def hooks_row(model, tokenizer, context: str, question: str, decode: int, repeats: int) -> dict:
+    """Wall time of the same prompt and the same number of new tokens: plain ``model.generate``,
+    ``generate`` inside ``kvtrim.compressing(model, "none")`` (the hooks attached), and
+    ``kvtrim.compress(method="none")`` + ``Session.answer`` — interleaved, medians of ``repeats``."""
+    session = kvtrim.compress(model, tokenizer, context, method="none", ratio=0.0)
+    prompt = session.layout.context_text + session.layout.question_text(question)
+    ids = tokenizer(prompt, add_special_tokens=session.layout.add_special_tokens, return_tensors="pt")[
+        "input_ids"
+    ]
+    ids = ids.to(next(model.parameters()).device)
+    options = dict(
+        max_new_tokens=decode, min_new_tokens=decode, do_sample=False, pad_token_id=tokenizer.eos_token_id
+    )
+    times: dict[str, list[float]] = {"generate": [], "generate+hooks": [], "compress+answer": []}
+    for _ in range(repeats):
+        start = time.perf_counter()
+        plain = model.generate(ids, **options)
+        times["generate"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        with kvtrim.compressing(model, "none", ratio=0.0):
+            hooked = model.generate(ids, **options)
+        times["generate+hooks"].append(time.perf_counter() - start)
+        assert torch.equal(plain, hooked), "the hooks changed generate's tokens"
+        start = time.perf_counter()
+        session = kvtrim.compress(model, tokenizer, context, method="none", ratio=0.0)
+        answer = session.answer(question, max_new_tokens=decode)
+        times["compress+answer"].append(time.perf_counter() - start)
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    row = dict(tokens=ids.shape[1], new_tokens=decode, answer_tokens=len(answer.token_ids), **medians)
+    print(
+        f"{row['tokens']:>6} generate {medians['generate']:.2f} s | with hooks {medians['generate+hooks']:.2f} s "
+        f"({medians['generate+hooks'] / medians['generate']:.3f}x) | compress+answer "
+        f"{medians['compress+answer']:.2f} s ({medians['compress+answer'] / medians['generate']:.3f}x, "
+        f"{row['answer_tokens']} tokens)",
+        flush=True,
+    )
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--lengths", default="1024,2048,4096,8000")
+    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument(
+        "--methods", default="all", help="comma-separated, or 'all' (every scorer but reconstruction ones)"
+    )
+    parser.add_argument("--repeats", type=int, default=2, help="runs per cell; the median is kept")
+    parser.add_argument("--decode", type=int, default=32, help="new tokens in the hooks comparison")
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--out", default=None, help="also write the rows as JSON here")
+    args = parser.parse_args()
+
+    methods = [m for m, cls in SCORERS.items() if not (cls.needs_reconstruction or cls.query_aware)]
+    if args.methods != "all":
+        methods = args.methods.split(",")
+    model, tokenizer = kvtrim.load_model(args.model)
+    kvtrim.compress(model, tokenizer, "warm up " * 64, method="none", ratio=0.0)
+    print(
+        f"{'tokens':>6} {'method':<30} {'prefill s':>9} {'score s':>8} {'/prefill':>8} {'full MiB':>9} "
+        f"{'kept MiB':>9} {'kept/tgt':>8}"
+    )
+    scoring, hooks = [], []
+    samples = {n: needle_sample(tokenizer, n, depth=0.5) for n in (int(x) for x in args.lengths.split(","))}
+    for sample in samples.values():
+        scoring += scoring_rows(model, tokenizer, sample.context, methods, args.ratio, args.repeats)
+    print("\nHooks: the same prompt and new tokens, plain transformers against kvtrim with method none")
+    for sample in samples.values():
+        hooks.append(
+            hooks_row(model, tokenizer, sample.context, sample.question, args.decode, args.repeats + 1)
+        )
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=2)
+            json.dump({"scoring": scoring, "hooks": hooks, "threads": torch.get_num_threads()}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -28,13 +28,7 @@ from kvtrim.cache.layers import (
     is_sliding as layer_is_sliding,
 )
 from kvtrim.core.stats import CompressionStats
-from kvtrim.models.adapters import (
-    output_weight,
-    queries_from_projection,
-    rope_function,
-    rotary_for,
-    rotation_cache,
-)
+from kvtrim.models.adapters import LayerInternals, queries_from_projection
 from kvtrim.scorers.base import LayerView
 
 
@@ -47,11 +41,19 @@ class LayerCall:
     seed: int
     n_layers: int
     idx: int
-    attn: nn.Module
+    internals: LayerInternals
     cache: Any
     kwargs: dict[str, Any]
     projected: torch.Tensor | None  # (B, q, ≥ H·D) the query projection's output
-    q_len: int
+
+    @property
+    def q_len(self) -> int:
+        """Tokens of the current forward."""
+        return int(self.kwargs["hidden_states"].shape[1])
+
+    @property
+    def attn(self) -> nn.Module:
+        return self.internals.attn
 
     @property
     def layer(self) -> Any:
@@ -102,10 +104,9 @@ class LayerCall:
     ) -> LayerView:
         """What a scorer sees of this layer: ``keys``/``values`` (B, Hkv, T, D) at ``key_positions``,
         queries from ``projected`` (default: this forward's) at ``query_positions``."""
-        attn = self.attn
+        layer = self.internals
+        attn, rope, rotary = layer.attn, layer.rope, layer.rotary
         projected = self.projected if projected is None else projected
-        rope = rope_function(attn)
-        rotary = rotary_for(self.model, attn)
 
         def pre_rope_queries(last: int | None = None) -> torch.Tensor:
             if projected is None:
@@ -124,16 +125,16 @@ class LayerCall:
             values=values,
             key_positions=key_positions,
             query_positions=self.query_positions() if query_positions is None else query_positions,
-            n_heads=attn.config.num_attention_heads,
-            head_dim=attn.head_dim,
-            scaling=float(attn.scaling),
+            n_heads=layer.n_heads,
+            head_dim=layer.head_dim,
+            scaling=layer.scaling,
             pre_rope_queries=pre_rope_queries,
             rotate_fn=rotate,
             seed=self.seed,
-            output_weight=output_weight(attn),
+            output_weight=layer.output_weight,
             budget_keep=budget_keep,
             rope_key=("rope", rotary.layer_type),
-            rotation_cache=rotation_cache(rotary.rotary),
+            rotation_cache=layer.rotations,
         )
 
     def element_view(self, b: int, pad: int, budget_keep: Callable[[int], int | None]) -> LayerView:

@@ -19,7 +19,7 @@ from torch import nn
 from kvtrim.core.hooks import attention_hooks
 from kvtrim.core.stats import CompressionStats
 from kvtrim.engine.call import LayerCall
-from kvtrim.models.adapters import check_supported, hooked_layers
+from kvtrim.models.adapters import check_supported, hooked_layers, layer_internals
 
 
 class LayerHandler(Protocol):
@@ -38,6 +38,7 @@ class Compressor:
         self.seed = seed
         self.stats = CompressionStats()
         self._layers = hooked_layers(model)
+        self._internals = layer_internals(model)
 
     @property
     def n_layers(self) -> int:
@@ -59,16 +60,8 @@ class Compressor:
         hidden = kwargs.get("hidden_states")
         if cache is None or hidden is None or idx >= len(cache.layers):
             return
+        internals = self._internals[idx]
         call = LayerCall(
-            self.model,
-            self.stats,
-            self.seed,
-            self.n_layers,
-            idx,
-            attn,
-            cache,
-            kwargs,
-            projected,
-            hidden.shape[1],
+            self.model, self.stats, self.seed, self.n_layers, idx, internals, cache, kwargs, projected
         )
         self.schedule.on_forward(call)

@@ -15,7 +15,7 @@ from kvtrim.cache.keep import keep_selected
 from kvtrim.cache.layers import layer_bytes, layer_heads
 from kvtrim.core.stats import CompressionStats
 from kvtrim.engine.call import LayerCall
-from kvtrim.models.adapters import queries_from_projection, rope_function, rotary_for
+from kvtrim.models.adapters import queries_from_projection
 from kvtrim.scorers.base import LayerView, Scorer
 from kvtrim.scorers.channels import kept_channels
 
@@ -123,8 +123,8 @@ def prune_key_channels(call: LayerCall, ratio: float, window: int) -> None:
         positions = position_ids[0, -recent.shape[1] :].to(recent.device)  # (W,)
     with torch.inference_mode():
         queries = queries_from_projection(call.attn, recent)  # (B, H, W, D) pre-RoPE
-        cos, sin = rotary_for(call.model, call.attn)(positions, like=queries)
-        queries = rope_function(call.attn)(queries, queries, cos, sin)[0]  # (B, H, W, D) post-RoPE
+        cos, sin = call.internals.rotary(positions, like=queries)
+        queries = call.internals.rope(queries, queries, cos, sin)[0]  # (B, H, W, D) post-RoPE
     channels = kept_channels(queries, key_channel_norms(layer), ratio)  # (B, Hkv, Dk)
     call.cache.layers[call.idx] = prune_channels(layer, channels)
     call.stats.kv_bytes_after += layer_bytes(call.cache.layers[call.idx]) - before

@@ -143,6 +143,40 @@ def _takes_layer_type(rotary_type: type) -> bool:
     return "layer_type" in inspect.signature(rotary_type.forward).parameters
 
 
+@dataclass(frozen=True)
+class LayerInternals:
+    """What a scorer's view needs of one attention layer, looked up once per model (not per call)."""
+
+    attn: nn.Module
+    rope: Callable  # the architecture's apply_rotary_pos_emb
+    rotary: RotaryAt
+    output_weight: torch.Tensor | None  # (H, D, hidden)
+    n_heads: int
+    head_dim: int
+    scaling: float
+    rotations: dict  # averaged RoPE matrices, shared by the layers of one rotary embedding
+
+
+def layer_internals(model: nn.Module) -> list[LayerInternals]:
+    """:class:`LayerInternals` of every attention layer, in layer order."""
+    out = []
+    for attn in attention_modules(model):
+        rotary = rotary_for(model, attn)
+        out.append(
+            LayerInternals(
+                attn=attn,
+                rope=rope_function(attn),
+                rotary=rotary,
+                output_weight=output_weight(attn),
+                n_heads=attn.config.num_attention_heads,
+                head_dim=attn.head_dim,
+                scaling=float(attn.scaling),
+                rotations=rotation_cache(rotary.rotary),
+            )
+        )
+    return out
+
+
 def rotation_cache(rotary: nn.Module) -> dict:
     """Averaged RoPE matrices live on the rotary module itself: shared by every layer and every
     compression of that model, and gone with the model."""
