@@ -22,6 +22,8 @@ import torch
 
 import kvtrim
 from kvtrim.bench.tasks.needle import needle_sample
+from kvtrim.generation import greedy_decode
+from kvtrim.models.prompting import encode
 from kvtrim.scorers import SCORERS
 
 MIB = 1024 * 1024
@@ -56,7 +58,8 @@ def scoring_rows(
         row = rows[-1]
         print(
             f"{row['tokens']:>6} {method:<30} {prefill:>9.2f} {score:>8.3f} {row['score_fraction']:>8.1%} "
-            f"{stats.kv_bytes_before / MIB:>9.1f} {stats.kv_bytes_after / MIB:>9.1f} {row['kept_vs_target']:>8.4f}",
+            f"{stats.kv_bytes_before / MIB:>9.1f} {stats.kv_bytes_after / MIB:>9.1f} "
+            f"{row['kept_vs_target']:>8.4f}",
             flush=True,
         )
     return rows
@@ -88,15 +91,17 @@ def hooks_row(model, tokenizer, context: str, question: str, decode: int, repeat
         assert torch.equal(plain, hooked), "the hooks changed generate's tokens"
         start = time.perf_counter()
         session = kvtrim.compress(model, tokenizer, context, method="none", ratio=0.0)
-        answer = session.answer(question, max_new_tokens=decode)
+        tail = encode(tokenizer, session.layout.question_text(question))  # decode exactly ``decode`` tokens
+        answer = greedy_decode(model, session.cache, tail, session.context_length, decode, stop_ids=set())
         times["compress+answer"].append(time.perf_counter() - start)
     medians = {k: statistics.median(v) for k, v in times.items()}
-    row = dict(tokens=ids.shape[1], new_tokens=decode, answer_tokens=len(answer.token_ids), **medians)
+    row = dict(tokens=ids.shape[1], new_tokens=decode, answer_tokens=len(answer), **medians)
+    ratio = {name: medians[name] / medians["generate"] for name in medians}
     print(
-        f"{row['tokens']:>6} generate {medians['generate']:.2f} s | with hooks {medians['generate+hooks']:.2f} s "
-        f"({medians['generate+hooks'] / medians['generate']:.3f}x) | compress+answer "
-        f"{medians['compress+answer']:.2f} s ({medians['compress+answer'] / medians['generate']:.3f}x, "
-        f"{row['answer_tokens']} tokens)",
+        f"{row['tokens']:>6} generate {medians['generate']:.2f} s | with hooks "
+        f"{medians['generate+hooks']:.2f} s ({ratio['generate+hooks']:.3f}x) | "
+        f"compress+answer {medians['compress+answer']:.2f} s "
+        f"({ratio['compress+answer']:.3f}x, {row['answer_tokens']} tokens)",
         flush=True,
     )
     return row
@@ -114,6 +119,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs per cell; the median is kept")
     parser.add_argument("--decode", type=int, default=32, help="new tokens in the hooks comparison")
     parser.add_argument("--model", default=None)
+    parser.add_argument(
+        "--only", choices=("scoring", "hooks"), default=None, help="run one of the two tables"
+    )
     parser.add_argument("--out", default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
 
@@ -128,10 +136,10 @@ def main() -> None:
     )
     scoring, hooks = [], []
     samples = {n: needle_sample(tokenizer, n, depth=0.5) for n in (int(x) for x in args.lengths.split(","))}
-    for sample in samples.values():
+    for sample in samples.values() if args.only != "hooks" else ():
         scoring += scoring_rows(model, tokenizer, sample.context, methods, args.ratio, args.repeats)
     print("\nHooks: the same prompt and new tokens, plain transformers against kvtrim with method none")
-    for sample in samples.values():
+    for sample in samples.values() if args.only != "scoring" else ():
         hooks.append(
             hooks_row(model, tokenizer, sample.context, sample.question, args.decode, args.repeats + 1)
         )

@@ -1,0 +1,308 @@
+"""One prepared GPU check: the CUDA-only path verified, then memory and speed at long contexts.
+
+1. The variable-length kernel (``torch.nn.attention.varlen``) that decodes over ragged
+   (head-adaptive) layers in one call, against kvtrim's per-head loop: decoding-step logits of a
+   bf16 model must agree to 1e-3 of their scale, and the greedy tokens must be equal.
+2. A randomly initialised Llama-3.1-8B-shaped model (its config only: no weights to download) at
+   16k and 32k tokens: peak CUDA memory, prefill seconds and decode tokens/s for plain
+   transformers (``model.generate``) and kvtrim's none / uniform / adaptive / chunked compression.
+
+Meant to finish in under 6 minutes on one GPU. ``--tiny`` runs the same code on a tiny model on
+the CPU (the varlen kernel then replaced by a plain reference, as in the unit tests), so the script
+works the first time a GPU is there; the test suite runs it that way.
+
+    python benchmarks/gpu_check.py [--tiny] [--lengths 16384,32768] [--decode 64] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import string
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+import kvtrim
+from kvtrim.attention import ragged
+from kvtrim.cache import CacheSnapshot
+from kvtrim.models.prompting import encode
+
+#: kvtrim's cells of the speed table: (label, compress() keywords)
+CELLS = (
+    ("none", {"method": "none", "ratio": 0.0}),
+    ("uniform", {"method": "expected-attention", "ratio": 0.5}),
+    ("adaptive", {"method": "expected-attention", "ratio": 0.5, "budget": "adaptive", "epsilon": 0.01}),
+    ("chunked", {"method": "knorm", "ratio": 0.5, "chunk_size": 4096}),
+)
+
+
+def llama_8b_config(max_positions: int) -> LlamaConfig:
+    """Llama-3.1-8B's shapes (its published config), for a randomly initialised stand-in."""
+    return LlamaConfig(
+        vocab_size=128_256,
+        hidden_size=4096,
+        intermediate_size=14_336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=max_positions,
+        rope_theta=500_000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+def tiny_config(max_positions: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=len(_VOCAB),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=max_positions,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+_VOCAB = ["<unk>", "<s>", "</s>", *string.printable]
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per printable character: a text of N characters is N tokens (no download)."""
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(_VOCAB)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def random_model(config: LlamaConfig, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.config._attn_implementation = "sdpa"
+    return model.eval()
+
+
+def text_of(n_tokens: int, seed: int = 0) -> str:
+    generator = torch.Generator().manual_seed(seed)
+    letters = string.ascii_lowercase + " "
+    return "".join(letters[i] for i in torch.randint(len(letters), (n_tokens,), generator=generator).tolist())
+
+
+# --- 1. the varlen kernel against the per-head loop --------------------------------------------
+
+
+def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window_size, enable_gqa):
+    """A plain stand-in for ``varlen_attn`` (CPU runs): each packed sequence attended on its own."""
+    out = []
+    for i in range(len(cu_q) - 1):
+        qs = q[cu_q[i] : cu_q[i + 1]].transpose(0, 1)  # (G, q, D)
+        ks = k[cu_k[i] : cu_k[i + 1]].transpose(0, 1).expand(qs.shape[0], -1, -1)  # (G, K, D)
+        vs = v[cu_k[i] : cu_k[i + 1]].transpose(0, 1).expand(qs.shape[0], -1, -1)
+        out.append(torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, scale=scale).transpose(0, 1))
+    return torch.cat(out)  # (Σq, G, D)
+
+
+@torch.inference_mode()
+def check_varlen(model: Any, tokenizer: Any, n_tokens: int, steps: int, cuda: bool) -> dict[str, Any]:
+    """Decode ``steps`` tokens over a ragged cache with the varlen kernel and with the loop."""
+    session = kvtrim.compress(model, tokenizer, text_of(n_tokens), "knorm", ratio=0.5, budget="adaptive")
+    ids = encode(tokenizer, session.layout.question_text("What comes next?"))
+    real = ragged._varlen_kernel_for
+    calls = []
+
+    def packed(query, key):
+        kernel = real(query, key) if cuda else (reference_varlen if query.shape[2] == 1 else None)
+        calls.append(kernel is not None)
+        return kernel
+
+    results = {}
+    for name, chooser in (("loop", lambda query, key: None), ("varlen", packed)):
+        ragged._varlen_kernel_for = chooser
+        snapshot = CacheSnapshot.take(session.cache)
+        try:
+            results[name] = _decode_logits(model, session.cache, ids, session.context_length, steps)
+        finally:
+            snapshot.restore(session.cache)
+            ragged._varlen_kernel_for = real
+    scale = float(results["loop"].abs().max())  # (steps, V) each
+    diff = float((results["loop"] - results["varlen"]).abs().max())
+    same_tokens = torch.equal(results["loop"].argmax(-1), results["varlen"].argmax(-1))
+    ok = bool(any(calls)) and diff <= 1e-3 * scale and same_tokens
+    return {
+        "varlen_calls": sum(calls),
+        "max_abs_diff": diff,
+        "logit_scale": scale,
+        "same_tokens": same_tokens,
+        "ok": ok,
+    }
+
+
+def _decode_logits(model: Any, cache: Any, ids: list[int], position: int, steps: int) -> torch.Tensor:
+    """The last logits of feeding ``ids`` after the cache, then of ``steps − 1`` greedy tokens: (steps, V)."""
+    logits = []
+    step_ids = torch.tensor([ids], device=model.device)  # (1, q)
+    for _ in range(steps):
+        n = step_ids.shape[1]
+        positions = torch.arange(position, position + n, device=model.device)[None]
+        out = model(input_ids=step_ids, position_ids=positions, cache=cache, logits_to_keep=1).logits
+        logits.append(out[0, -1].float())
+        step_ids = out[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+        position += n
+    return torch.stack(logits)
+
+
+# --- 2. memory and speed ---------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+
+
+@torch.inference_mode()
+def plain_row(model: Any, tokenizer: Any, n_tokens: int, decode: int, device: torch.device) -> dict[str, Any]:
+    """Plain transformers on the same prompt: one prefill forward, then ``generate`` for the decode."""
+    ids = torch.tensor([encode(tokenizer, text_of(n_tokens))], device=device)
+    _reset_peak(device)
+    _sync(device)
+    start = time.perf_counter()
+    model(input_ids=ids, logits_to_keep=1)
+    _sync(device)
+    prefill_s = time.perf_counter() - start
+    start = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=decode, min_new_tokens=decode, do_sample=False, pad_token_id=0)
+    _sync(device)
+    generate_s = time.perf_counter() - start
+    new = out.shape[1] - ids.shape[1]
+    return {
+        "cell": "transformers",
+        "tokens": n_tokens,
+        "prefill_s": prefill_s,
+        "decode_tok_s": new / max(generate_s - prefill_s, 1e-9),
+        "peak_gib": _peak_gib(device),
+        "kv_bytes_after": None,
+    }
+
+
+@torch.inference_mode()
+def kvtrim_row(
+    model: Any, tokenizer: Any, n_tokens: int, decode: int, device: torch.device, label: str, options: dict
+) -> dict[str, Any]:
+    _reset_peak(device)
+    _sync(device)
+    session = kvtrim.compress(model, tokenizer, text_of(n_tokens), **options)
+    _sync(device)
+    start = time.perf_counter()
+    answer = session.answer("What comes next?", max_new_tokens=decode)
+    _sync(device)
+    return {
+        "cell": label,
+        "tokens": session.context_length,
+        "prefill_s": session.prefill_s + session.stats.compress_s,
+        "decode_tok_s": len(answer.token_ids) / (time.perf_counter() - start),
+        "peak_gib": _peak_gib(device),
+        "kv_bytes_after": session.stats.kv_bytes_after,
+    }
+
+
+def speed_rows(
+    model: Any, tokenizer: Any, lengths: Sequence[int], decode: int, device: torch.device
+) -> list[dict]:
+    rows = []
+    for n in lengths:
+        rows.append(plain_row(model, tokenizer, n, decode, device))
+        _print(rows[-1])
+        for label, options in CELLS:
+            cell = dict(options)
+            if "chunk_size" in cell:
+                cell["chunk_size"] = min(cell["chunk_size"], max(16, n // 4))
+            rows.append(kvtrim_row(model, tokenizer, n, decode, device, label, cell))
+            _print(rows[-1])
+    return rows
+
+
+def _print(row: dict[str, Any]) -> None:
+    peak = "-" if row["peak_gib"] is None else f"{row['peak_gib']:.2f}"
+    kv = "-" if row["kv_bytes_after"] is None else f"{row['kv_bytes_after'] / 2**20:.1f}"
+    print(
+        f"{row['tokens']:>7} {row['cell']:<13} prefill {row['prefill_s']:7.2f} s  decode "
+        f"{row['decode_tok_s']:8.1f} tok/s  peak {peak:>7} GiB  KV {kv:>8} MiB",
+        flush=True,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--tiny", action="store_true", help="a tiny model on the CPU (checks the script itself)"
+    )
+    parser.add_argument(
+        "--lengths", default=None, help="context tokens (default 16384,32768; --tiny 256,512)"
+    )
+    parser.add_argument("--decode", type=int, default=64, help="new tokens per cell")
+    parser.add_argument("--out", default=None, help="also write the figures as JSON here")
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available() and not args.tiny
+    if not cuda and not args.tiny:
+        parser.error("no CUDA device here: run it on a GPU, or with --tiny to check the script on the CPU")
+    device = torch.device("cuda" if cuda else "cpu")
+    lengths = [int(x) for x in (args.lengths or ("256,512" if args.tiny else "16384,32768")).split(",")]
+    tokenizer = char_tokenizer()
+    dtype = torch.bfloat16 if cuda else torch.float32
+    print(f"device {device}, dtype {dtype}, torch {torch.__version__}", flush=True)
+    # the kernel check on two layers of the same shapes (bf16 on the GPU)
+    small_config = tiny_config(4096) if args.tiny else llama_8b_config(8192)
+    small_config.num_hidden_layers = min(small_config.num_hidden_layers, 2)
+    small = random_model(small_config, device, dtype)
+    varlen = check_varlen(small, tokenizer, 200 if args.tiny else 2048, 8, cuda)
+    print(f"varlen vs per-head loop: {varlen}", flush=True)
+    del small
+    model = random_model((tiny_config if args.tiny else llama_8b_config)(max(lengths) + 1024), device, dtype)
+    rows = speed_rows(model, tokenizer, lengths, args.decode, device)
+    report = {"device": str(device), "dtype": str(dtype), "varlen": varlen, "rows": rows}
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+    if not varlen["ok"]:
+        print("FAILED: the varlen kernel and the per-head loop disagree", file=sys.stderr)
+        sys.exit(1)
+    return report
+
+
+if __name__ == "__main__":
+    main()
