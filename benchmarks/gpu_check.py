@@ -114,17 +114,6 @@ def text_of(n_tokens: int, seed: int = 0) -> str:
 # --- 1. the varlen kernel against the per-head loop --------------------------------------------
 
 
-def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window_size, enable_gqa):
-    """A plain stand-in for ``varlen_attn`` (CPU runs): each packed sequence attended on its own."""
-    out = []
-    for i in range(len(cu_q) - 1):
-        qs = q[cu_q[i] : cu_q[i + 1]].transpose(0, 1)  # (G, q, D)
-        ks = k[cu_k[i] : cu_k[i + 1]].transpose(0, 1).expand(qs.shape[0], -1, -1)  # (G, K, D)
-        vs = v[cu_k[i] : cu_k[i + 1]].transpose(0, 1).expand(qs.shape[0], -1, -1)
-        out.append(torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, scale=scale).transpose(0, 1))
-    return torch.cat(out)  # (Σq, G, D)
-
-
 @torch.inference_mode()
 def check_varlen(model: Any, tokenizer: Any, n_tokens: int, steps: int, cuda: bool) -> dict[str, Any]:
     """Decode ``steps`` tokens over a ragged cache with the varlen kernel and with the loop."""
@@ -134,7 +123,7 @@ def check_varlen(model: Any, tokenizer: Any, n_tokens: int, steps: int, cuda: bo
     calls = []
 
     def packed(query, key):
-        kernel = real(query, key) if cuda else (reference_varlen if query.shape[2] == 1 else None)
+        kernel = real(query, key) if cuda else (ragged.reference_varlen_attn if query.shape[2] == 1 else None)
         calls.append(kernel is not None)
         return kernel
 

@@ -9,6 +9,7 @@ import torch
 from conftest import make_model, sample_text
 
 import kvtrim
+from kvtrim.attention.ragged import reference_varlen_attn as reference_varlen
 from kvtrim.budgets import (
     AdaptiveBudget,
     PyramidBudget,
@@ -162,19 +163,6 @@ def test_mask_rebuilt_for_a_layer_of_another_length():
     allowed = torch.arange(10)[None, :] <= 7 + torch.arange(3)[:, None]  # context visible, new causal
     expected = torch.softmax(logits.masked_fill(~allowed, -torch.inf), -1) @ value
     torch.testing.assert_close(out, expected.transpose(1, 2))
-
-
-def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window_size, enable_gqa):
-    """A plain CPU stand-in for ``torch.nn.attention.varlen.varlen_attn`` (the flash kernel runs
-    on CUDA only): each packed sequence attended on its own, GQA by repetition."""
-    assert window_size == (-1, -1) and enable_gqa  # one query token per sequence: no mask
-    out = []
-    for i in range(len(cu_q) - 1):
-        qs = q[cu_q[i] : cu_q[i + 1]].transpose(0, 1)  # (G, q, D)
-        ks = k[cu_k[i] : cu_k[i + 1]].transpose(0, 1).expand(qs.shape[0], -1, -1)  # (G, K, D)
-        vs = v[cu_k[i] : cu_k[i + 1]].transpose(0, 1).expand(qs.shape[0], -1, -1)
-        out.append(torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, scale=scale).transpose(0, 1))
-    return torch.cat(out)  # (Σq, G, D)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])

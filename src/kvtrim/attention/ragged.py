@@ -100,3 +100,30 @@ def ragged_varlen_attention(
         enable_gqa=True,
     )  # (Hkv·q, G, Dv)
     return out.reshape(n_kv, q_len, group, -1).transpose(0, 1).reshape(1, q_len, n_heads, -1)
+
+
+def reference_varlen_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
+    max_q: int,
+    max_k: int,
+    *,
+    scale: float | None,
+    window_size: tuple[int, int],
+    enable_gqa: bool,
+) -> torch.Tensor:
+    """A plain stand-in for ``varlen_attn`` with its signature, for decoding steps (one query
+    token per sequence, so no mask): each packed sequence attended on its own, GQA by repetition.
+    The CUDA kernel runs on GPUs only; this lets the packing be checked anywhere."""
+    if window_size != (-1, -1) or not enable_gqa:
+        raise ValueError("the reference kernel covers decoding steps only (no mask, GQA)")
+    out = []
+    for i in range(len(cu_q) - 1):
+        qs = q[cu_q[i] : cu_q[i + 1]].transpose(0, 1)  # (G, q, D)
+        ks = k[cu_k[i] : cu_k[i + 1]].transpose(0, 1).expand(qs.shape[0], -1, -1)  # (G, K, D)
+        vs = v[cu_k[i] : cu_k[i + 1]].transpose(0, 1).expand(qs.shape[0], -1, -1)
+        out.append(torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, scale=scale).transpose(0, 1))
+    return torch.cat(out)  # (Σq, G, D)
