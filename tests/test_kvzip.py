@@ -8,6 +8,7 @@ context key, the max over the reconstruction queries, the GQA group and the chun
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -28,6 +29,7 @@ from kvtrim.core.selection import top_indices
 from kvtrim.models.prompting import encode, encode_context
 from kvtrim.scorers import METHODS, make_scorer
 from kvtrim.scorers.kvzip import KVzip
+from kvtrim.strategies import reconstruction
 from kvtrim.strategies.reconstruction import score_by_reconstruction
 from kvtrim.strategies.shared_prefill import prefill_once
 
@@ -98,7 +100,14 @@ def prefilled(model, tok, context: str):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "phi3", "gemma3"])
 @pytest.mark.parametrize("options", [{}, {"chunk_tokens": 40, "overlap": 3, "block_size": 7, "n_sink": 2}])
-def test_scores_match_explicit_reconstruction_attention(arch, options):
+@pytest.mark.parametrize("with_lse", [True, False])
+def test_scores_match_explicit_reconstruction_attention(arch, options, with_lse, monkeypatch):
+    """With the model's log-sum-exp (the default) the softmax is never recomputed: ``score`` is
+    then made to fail; without it (``score_reconstruction`` gets None) the scorer recomputes it."""
+    if with_lse:
+        monkeypatch.setattr(KVzip, "score", lambda self, view: pytest.fail("softmax recomputed"))
+    else:
+        monkeypatch.setattr(reconstruction, "keeping_log_sum_exp", lambda: contextlib.nullcontext({}))
     model, tok = make_model(arch), make_tokenizer()
     context = sample_text(100, seed=3)
     scorer = KVzip(**options)

@@ -1,8 +1,13 @@
 """Attention over a ragged layer, each KV head over its own kept pairs (see
 :class:`kvtrim.cache.ragged.RaggedLayer`).
 
-On CPU, and for multi-token forwards, one ``sdpa`` call per KV head. On CUDA in half precision, a
-decoding step runs as one call of torch's variable-length flash kernel for all heads.
+The layer hands over two parts: the kept pairs, packed head after head (ΣK_h, D), and the tokens
+added since (question, decoded tokens), dense (1, Hkv, n, D) since every head got all of them.
+Each part is attended on its own and the two merged by log-sum-exp
+(:mod:`kvtrim.attention.partial`), so a decoding step never copies the kept pairs (a dense
+layer's concatenation copies its whole cache every step). The kept part runs one kernel call per
+KV head over views of the packed tensor, or, on CUDA in half precision, one call of torch's
+variable-length flash kernel for all heads; the added part is one call for all heads, causal.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from kvtrim.attention.channels import select_query_channels
 from kvtrim.attention.dense import suffix_causal_mask
+from kvtrim.attention.partial import Partial, attend, attend_written_out, merge
 from kvtrim.attention.standins import RaggedKV
 
 
@@ -26,39 +33,53 @@ def ragged_attention(
     scaling: float | None,
     **kwargs: Any,
 ) -> torch.Tensor:
-    """query: (B, H, q, D) -> (B, q, H, D). Head h's queries meet only head h's keys (on its kept
-    channels when ThinK pruned them); the new tokens are causal, the kept context all visible."""
+    """query: (1, H, q, D) -> (1, q, H, Dv). Head h's queries meet only head h's keys (on its kept
+    channels when ThinK pruned them); the kept pairs are all visible, the added tokens causal."""
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling  # the full head's, also for pruned keys
     kernel = _varlen_kernel_for(query, key)
-    if kernel is not None:
-        return ragged_varlen_attention(query, key, value, scaling, kernel)
-    n_kv = len(key.keys)
+    kept = kept_part_varlen(query, key, scale, kernel) if kernel is not None else kept_part(query, key, scale)
+    added = added_part(query, key, scale)
+    return merge(kept, added).transpose(1, 2).contiguous()
+
+
+def kept_part(query: torch.Tensor, key: RaggedKV, scale: float) -> Partial:
+    """Every head over its own kept pairs, one call per KV head on views of the packed tensors."""
+    n_kv = len(key.lengths)
     group = query.shape[1] // n_kv
-    q_len = query.shape[2]
-    outputs = []
-    for head in range(n_kv):
-        q = query[:, head * group : (head + 1) * group]  # (B, G, q, D)
+    outs, lses = [], []
+    head_values = key.values.split(key.lengths)
+    for head, head_keys in enumerate(key.keys.split(key.lengths)):
+        q = query[:, head * group : (head + 1) * group]  # (1, G, q, D)
         if key.channels is not None:
-            q = q[..., key.channels[0, head]]  # (B, G, q, Dk), B = 1
-        k = key.keys[head][:, None].expand(-1, group, -1, -1)  # (B, G, K_h, D)
-        v = value.values[head][:, None].expand(-1, group, -1, -1)
-        mask = suffix_causal_mask(q_len, k.shape[2], q.device) if q_len > 1 else None
-        outputs.append(
-            torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
-        )
-    out = torch.cat(outputs, dim=1)  # (B, H, q, D)
-    return out.transpose(1, 2).contiguous()
+            q = q[..., key.channels[0, head]]  # (1, G, q, Dk)
+        if head_keys.shape[0] == 0:  # a head that kept nothing: no share of the softmax
+            outs.append(q.new_zeros(*q.shape[:3], key.values.shape[-1]))
+            lses.append(q.new_full(q.shape[:3], -torch.inf, dtype=torch.float32))
+            continue
+        part = attend(q, head_keys[None, None], head_values[head][None, None], scale)
+        outs.append(part.out)
+        lses.append(part.lse)
+    return Partial(torch.cat(outs, dim=1), torch.cat(lses, dim=1))  # (1, H, q, Dv), (1, H, q)
+
+
+def added_part(query: torch.Tensor, key: RaggedKV, scale: float) -> Partial:
+    """Every head over the tokens added since compression (the current ones included), causal."""
+    if key.channels is not None:
+        query = select_query_channels(query, key.channels)  # (1, H, q, Dk)
+    q_len, n_added = query.shape[2], key.added_keys.shape[2]
+    visible = suffix_causal_mask(q_len, n_added, query.device) if q_len > 1 else None
+    return attend(query, key.added_keys, key.added_values, scale, visible)
 
 
 def _varlen_kernel_for(query: torch.Tensor, key: RaggedKV) -> Callable | None:
     """torch's variable-length flash kernel when it can run here, else None (the per-head loop).
 
-    Used for decoding steps (one query token, which sees every cached pair, so no causal mask and
-    no question of how a kernel aligns it) on CUDA in half precision with B = 1 and full-width
-    keys; multi-token forwards, CPU, float32 and ThinK's pruned keys take the loop.
+    CUDA in half precision with full-width keys, every head holding at least one kept pair; CPU,
+    float32 and ThinK's pruned keys take the loop.
     """
     if not (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)):
         return None
-    if key.channels is not None or query.shape[0] != 1 or query.shape[2] != 1:
+    if key.channels is not None or query.shape[0] != 1 or min(key.lengths) == 0:
         return None
     try:
         from torch.nn.attention.varlen import varlen_attn  # a CUDA-only kernel of recent torch
@@ -67,39 +88,39 @@ def _varlen_kernel_for(query: torch.Tensor, key: RaggedKV) -> Callable | None:
     return varlen_attn
 
 
-def ragged_varlen_attention(
-    query: torch.Tensor, key: RaggedKV, value: RaggedKV, scaling: float | None, kernel: Callable
-) -> torch.Tensor:
-    """Every kv-head of a ragged layer in one variable-length attention call (B = 1).
+def kept_part_varlen(query: torch.Tensor, key: RaggedKV, scale: float, kernel: Callable) -> Partial:
+    """Every kv-head's kept pairs in one variable-length attention call (B = 1).
 
     Each kv-head is one sequence of a packed batch: its G query heads (GQA inside the kernel) over
-    its own K_h pairs. For one query token (decoding) no mask is needed; longer queries are
-    causal aligned bottom-right (flash-attention's convention), the [kept | new] suffix layout.
-    ``kernel`` has the signature of ``torch.nn.attention.varlen.varlen_attn``.
-    query: (1, H, q, D) -> (1, q, H, D), like sdpa's output after its transpose.
+    its own K_h pairs, the layer's packed tensors as they are (no copy). The kept pairs are visible
+    to every new token, so no mask, whatever q. ``kernel`` has the signature of
+    ``torch.nn.attention.varlen.varlen_attn``. query: (1, H, q, D) -> (1, H, q, Dv), (1, H, q).
     """
+    from torch.nn.attention.varlen import AuxRequest
+
     _, n_heads, q_len, dim = query.shape
-    n_kv = len(key.keys)
+    n_kv = len(key.lengths)
     group = n_heads // n_kv
     packed_q = query[0].reshape(n_kv, group, q_len, dim).transpose(1, 2).reshape(n_kv * q_len, group, dim)
-    packed_k = torch.cat([k[0] for k in key.keys])[:, None]  # (ΣK_h, 1, D)
-    packed_v = torch.cat([v[0] for v in value.values])[:, None]  # (ΣK_h, 1, Dv)
-    lengths = torch.tensor([k.shape[1] for k in key.keys], device=query.device)  # (Hkv,)
+    lengths = torch.tensor(key.lengths, device=query.device)  # (Hkv,)
     cu_k = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)  # (Hkv + 1,)
     cu_q = torch.arange(0, (n_kv + 1) * q_len, q_len, device=query.device, dtype=torch.int32)
-    out = kernel(
+    out, lse = kernel(
         packed_q,  # (Hkv·q, G, D): row h·q + t is head h's query at t
-        packed_k,
-        packed_v,
+        key.keys[:, None],  # (ΣK_h, 1, D)
+        key.values[:, None],
         cu_q,
         cu_k,
         q_len,
-        int(lengths.max()),
-        scale=scaling,
-        window_size=(-1, -1) if q_len == 1 else (-1, 0),
+        max(key.lengths),
+        return_aux=AuxRequest(lse=True),
+        scale=scale,
+        window_size=(-1, -1),
         enable_gqa=True,
-    )  # (Hkv·q, G, Dv)
-    return out.reshape(n_kv, q_len, group, -1).transpose(0, 1).reshape(1, q_len, n_heads, -1)
+    )  # (Hkv·q, G, Dv), (Hkv·q, G)
+    out = out.reshape(n_kv, q_len, group, -1).permute(0, 2, 1, 3).reshape(1, n_heads, q_len, -1)
+    lse = lse.reshape(n_kv, q_len, group).permute(0, 2, 1).reshape(1, n_heads, q_len)
+    return Partial(out, lse.float())
 
 
 def reference_varlen_attn(
@@ -111,19 +132,23 @@ def reference_varlen_attn(
     max_q: int,
     max_k: int,
     *,
+    return_aux: Any = None,
     scale: float | None,
     window_size: tuple[int, int],
     enable_gqa: bool,
-) -> torch.Tensor:
-    """A plain stand-in for ``varlen_attn`` with its signature, for decoding steps (one query
-    token per sequence, so no mask): each packed sequence attended on its own, GQA by repetition.
-    The CUDA kernel runs on GPUs only; this lets the packing be checked anywhere."""
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """A plain stand-in for ``varlen_attn`` with its signature, without masks (every packed
+    sequence's queries see all its keys), GQA by broadcasting. The CUDA kernel runs on GPUs only;
+    this lets the packing be checked anywhere."""
     if window_size != (-1, -1) or not enable_gqa:
-        raise ValueError("the reference kernel covers decoding steps only (no mask, GQA)")
-    out = []
+        raise ValueError("the reference kernel covers unmasked attention with GQA only")
+    outs, lses = [], []
     for i in range(len(cu_q) - 1):
-        qs = q[cu_q[i] : cu_q[i + 1]].transpose(0, 1)  # (G, q, D)
-        ks = k[cu_k[i] : cu_k[i + 1]].transpose(0, 1).expand(qs.shape[0], -1, -1)  # (G, K, D)
-        vs = v[cu_k[i] : cu_k[i + 1]].transpose(0, 1).expand(qs.shape[0], -1, -1)
-        out.append(torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, scale=scale).transpose(0, 1))
-    return torch.cat(out)  # (Σq, G, D)
+        qs = q[cu_q[i] : cu_q[i + 1]].transpose(0, 1)[None]  # (1, G, q, D)
+        ks = k[cu_k[i] : cu_k[i + 1]].transpose(0, 1)[None]  # (1, 1, K, D)
+        vs = v[cu_k[i] : cu_k[i + 1]].transpose(0, 1)[None]
+        part = attend_written_out(qs, ks, vs, qs.shape[-1] ** -0.5 if scale is None else scale)
+        outs.append(part.out[0].transpose(0, 1))  # (q, G, Dv)
+        lses.append(part.lse[0].transpose(0, 1))  # (q, G)
+    out = torch.cat(outs).to(q.dtype)  # (Σq, G, Dv)
+    return (out, torch.cat(lses)) if return_aux is not None and return_aux.lse else out

@@ -37,25 +37,23 @@ class KeysStandIn:
 
 @dataclass
 class RaggedKV(KeysStandIn):
-    """Per-head keys and values: lists of Hkv tensors of shape (B, K_h, D).
+    """A ragged layer in two parts: the kept pairs packed head after head, (ΣK_h, D) keys and
+    values with the heads' lengths, and the tokens added since, (1, Hkv, n, D) each.
 
-    With pruned key channels (ThinK) head h's keys are (B, K_h, Dk) over ``channels[:, h]``.
+    With pruned key channels (ThinK) head h's keys hold only ``channels[0, h]`` (width Dk).
     """
 
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    channels: torch.Tensor | None = None  # (B, Hkv, Dk)
-
-    @property
-    def reference(self) -> torch.Tensor:
-        return self.keys[0]
+    keys: torch.Tensor
+    values: torch.Tensor
+    lengths: list[int]  # Hkv × K_h
+    added_keys: torch.Tensor
+    added_values: torch.Tensor
+    channels: torch.Tensor | None = None  # (1, Hkv, Dk)
 
     @property
     def shape(self) -> torch.Size:
-        first = self.keys[0]
-        return torch.Size(
-            (first.shape[0], len(self.keys), max(k.shape[1] for k in self.keys), first.shape[-1])
-        )
+        n = max(self.lengths) + self.added_keys.shape[2]
+        return torch.Size((1, len(self.lengths), n, self.keys.shape[-1]))
 
 
 @dataclass

@@ -120,3 +120,9 @@ class Scorer:
     def score(self, view: LayerView) -> torch.Tensor:
         """Return scores of shape (B, Hkv, T); higher = keep."""
         raise NotImplementedError
+
+    def score_reconstruction(self, view: LayerView, lse: torch.Tensor | None, n_context: int) -> torch.Tensor:
+        """Scores (B, Hkv, n_context) of the context pairs from one reconstruction forward, whose
+        queries are the view's; ``lse`` (B, H, q) is the log-sum-exp of their scaled scores over the
+        whole cache, as the model's attention computed it (None where it was not kept)."""
+        return self.score(view)[..., :n_context]

@@ -14,8 +14,9 @@ reconstruction tokens, a cheaper approximation; the scores here follow the paper
 Later chunks restate the last ``overlap`` tokens of the previous chunk after a "continue" prompt,
 as the reference implementation does, so each chunk starts from a known point.
 
-The scoring forwards are driven by :mod:`kvtrim.reconstruction`; this scorer only builds the
-reconstruction inputs and scores one layer of one reconstruction forward.
+The scoring forwards are driven by :mod:`kvtrim.strategies.reconstruction`; this scorer only
+builds the reconstruction inputs and scores one layer of one reconstruction forward, from the
+log-sum-exp the model's attention kept (no softmax recomputed) or, without it, by recomputing.
 """
 
 from __future__ import annotations
@@ -84,6 +85,35 @@ class KVzip(Scorer):
             restated = previous[-self.overlap :] if self.overlap else []
             inputs.append(later + restated + suffix + chunk)
         return inputs
+
+    def score_reconstruction(self, view: LayerView, lse: torch.Tensor | None, n_context: int) -> torch.Tensor:
+        """Max attention from this forward's queries to each context pair: (B, Hkv, n_context).
+
+        With the model's log-sum-exp the weights are exp(s·q·k − lse) exactly, so only the context
+        columns are computed and no softmax is run: one product per block of queries, whose extra
+        column −lse meets a column of ones appended to the keys, then a max.
+        """
+        if lse is None:
+            return super().score_reconstruction(view, lse, n_context)
+        bsz, n_kv, _, dim = view.keys.shape
+        queries = view.queries(rotated=True).float() * view.scaling  # (B, H, q, D)
+        q_len = queries.shape[2]
+        rows = torch.cat([queries, -lse.float()[..., None]], dim=-1)  # (B, H, q, D + 1)
+        rows = rows.reshape(bsz, n_kv, -1, dim + 1)  # (B, Hkv, G·q, D + 1), row g·q + t
+        keys = view.keys[:, :, :n_context].float()  # (B, Hkv, T, D)
+        keys = torch.cat([keys, keys.new_ones(*keys.shape[:3], 1)], dim=-1).transpose(
+            -1, -2
+        )  # (B, Hkv, D + 1, T)
+        best = None
+        step = self.block_size * (rows.shape[2] // q_len)  # block_size queries of each of the G heads
+        for start in range(0, rows.shape[2], step):
+            logits = rows[:, :, start : start + step] @ keys  # (B, Hkv, b, T): s·q·k − lse
+            block_best = logits.amax(dim=2)
+            best = block_best if best is None else torch.maximum(best, block_best)
+        assert best is not None
+        best = best.exp_()  # (B, Hkv, T)
+        sinks = view.key_positions[..., :n_context].to(best.device) < self.n_sink  # (T,) or (B, Hkv, T)
+        return best.masked_fill(sinks, torch.inf)
 
     def score(self, view: LayerView) -> torch.Tensor:
         """Max attention from this forward's queries (B, H, q, D) to every key: (B, Hkv, T)."""

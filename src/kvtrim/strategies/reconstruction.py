@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from kvtrim.attention import enable
+from kvtrim.attention.dense import keeping_log_sum_exp
 from kvtrim.budgets.base import Budget
 from kvtrim.budgets.uniform import UniformBudget
 from kvtrim.cache.layers import cache_bytes, is_sliding, layer_bytes, layer_heads, layer_tokens
@@ -50,6 +52,8 @@ class ReconstructionRecorder(Schedule):
     def __init__(self, scorer: Scorer, context_length: int):
         self.scorer = scorer
         self.context_length = context_length
+        #: attention module -> (B, H, q) log-sum-exp of its latest call (see ``keeping_log_sum_exp``)
+        self.lse: Mapping[nn.Module, torch.Tensor] = {}
         self.scores: dict[int, torch.Tensor] = {}  # layer -> (B, Hkv, T) max over forwards
 
     def takes(self, call: LayerCall) -> bool:
@@ -59,7 +63,8 @@ class ReconstructionRecorder(Schedule):
         layer = call.layer
         keys = layer.keys  # (B, Hkv, T + q, D): the context, then this forward's tokens
         view = call.view(keys, layer.values, call.key_positions(keys))
-        scores = self.scorer.score(view)[..., : self.context_length]  # (B, Hkv, T)
+        lse = self.lse.get(call.attn)
+        scores = self.scorer.score_reconstruction(view, lse, self.context_length)  # (B, Hkv, T)
         best = self.scores.get(call.idx)
         self.scores[call.idx] = scores if best is None else torch.maximum(best, scores)
 
@@ -83,11 +88,12 @@ def score_by_reconstruction(
     """Per full-attention layer, the scores (B, Hkv, T) of its cached context pairs, and the
     largest cache (bytes) held meanwhile. ``cache`` holds the uncompressed context and is left so."""
     inputs = scorer.reconstruction_inputs(tokenizer, layout, context, max_context(model) - context_length)
+    enable(model)  # kvtrim's attention (sdpa's kernel) is what can hand over the log-sum-exp
     recorder = ReconstructionRecorder(scorer, context_length)
     compressor = Compressor(model, recorder, seed=seed)
     snapshot = CacheSnapshot.take(cache)
     peak = cache_bytes(cache)
-    with compressor.attached():
+    with keeping_log_sum_exp() as recorder.lse, compressor.attached():
         for ids in inputs:
             positions = torch.arange(context_length, context_length + len(ids))[None]  # (1, q)
             try:

@@ -1,0 +1,107 @@
+"""Attention over ragged layers in parts: kept pairs packed per head plus the tokens added since,
+merged by log-sum-exp, against attention over the plainly concatenated keys of each head."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvtrim.attention import ragged
+from kvtrim.attention.partial import attend, attend_written_out, merge
+from kvtrim.attention.ragged import ragged_attention, reference_varlen_attn
+from kvtrim.cache.ragged import RaggedLayer
+
+H, HKV, D = 6, 3, 8
+
+
+def _causal(q_len: int, n: int) -> torch.Tensor:
+    return torch.arange(n)[None, :] <= n - q_len + torch.arange(q_len)[:, None]  # (q, n)
+
+
+@pytest.mark.parametrize("q_len", [1, 4])
+@pytest.mark.parametrize("written_out", [False, True])
+def test_two_parts_merged_equal_attention_over_their_union(q_len, written_out):
+    torch.manual_seed(0)
+    attend_part = attend_written_out if written_out else attend
+    query = torch.randn(1, H, q_len, D)
+    k1, v1 = torch.randn(1, HKV, 7, D), torch.randn(1, HKV, 7, D)
+    k2, v2 = torch.randn(1, HKV, 5, D), torch.randn(1, HKV, 5, D)
+    visible = _causal(q_len, 5)
+    got = merge(attend_part(query, k1, v1, 0.3), attend_part(query, k2, v2, 0.3, visible))
+    union = torch.cat([torch.ones(q_len, 7, dtype=torch.bool), visible], dim=1)
+    expected = F.scaled_dot_product_attention(
+        query, torch.cat([k1, k2], 2), torch.cat([v1, v2], 2), attn_mask=union, scale=0.3, enable_gqa=True
+    )
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_written_out_and_kernel_log_sum_exp_agree():
+    torch.manual_seed(1)
+    query, keys, values = torch.randn(1, H, 3, D), torch.randn(1, HKV, 9, D), torch.randn(1, HKV, 9, D)
+    kernel, written = attend(query, keys, values, 0.5), attend_written_out(query, keys, values, 0.5)
+    torch.testing.assert_close(kernel.out, written.out, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(kernel.lse, written.lse, atol=1e-6, rtol=1e-5)
+
+
+def _layer(lengths: list[int], seed: int = 0) -> tuple[RaggedLayer, list[torch.Tensor], list[torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    keys = [torch.randn(n, D, generator=generator) for n in lengths]
+    values = [torch.randn(n, D, generator=generator) for n in lengths]
+    return RaggedLayer(torch.cat(keys), torch.cat(values), list(lengths)), keys, values
+
+
+def _per_head_reference(query, keys, values, scale):
+    """query (1, H, q, D); keys/values: Hkv × (K_h + n, D) with the q new tokens last -> (1, q, H, D)."""
+    group, q_len = H // HKV, query.shape[2]
+    out = []
+    for h in range(HKV):
+        visible = _causal(q_len, keys[h].shape[0])
+        q = query[:, h * group : (h + 1) * group]
+        out.append(
+            F.scaled_dot_product_attention(
+                q, keys[h][None, None], values[h][None, None], attn_mask=visible, scale=scale, enable_gqa=True
+            )
+        )
+    return torch.cat(out, dim=1).transpose(1, 2)
+
+
+@pytest.mark.parametrize("lengths", [[4, 9, 2], [0, 6, 3]])
+def test_decoding_over_a_ragged_layer_equals_each_head_over_its_own_pairs(lengths):
+    """Several updates (a 3-token question, then single tokens); a head that kept nothing sees only
+    the added tokens."""
+    torch.manual_seed(2)
+    layer, keys, values = _layer(lengths)
+    for q_len in (3, 1, 1):
+        new_k, new_v = torch.randn(1, HKV, q_len, D), torch.randn(1, HKV, q_len, D)
+        keys = [torch.cat([k, new_k[0, h]]) for h, k in enumerate(keys)]
+        values = [torch.cat([v, new_v[0, h]]) for h, v in enumerate(values)]
+        key, value = layer.update(new_k, new_v)
+        query = torch.randn(1, H, q_len, D)
+        got = ragged_attention(torch.nn.Module(), query, key, value, None, scaling=0.4)
+        torch.testing.assert_close(got, _per_head_reference(query, keys, values, 0.4), atol=1e-6, rtol=1e-5)
+    assert layer.head_lengths() == [n + 5 for n in lengths]
+    for h in range(HKV):
+        torch.testing.assert_close(layer.head_keys[h][0], keys[h])
+        torch.testing.assert_close(layer.head_values[h][0], values[h])
+
+
+def test_a_ragged_layer_holds_exactly_its_pairs_after_updates():
+    layer, _, _ = _layer([5, 11, 2])
+    for q_len in (4, 1, 1, 1):
+        layer.update(torch.randn(1, HKV, q_len, D), torch.randn(1, HKV, q_len, D))
+    assert layer.n_pairs() == 18 + 3 * 7
+    assert layer.nbytes() == layer.n_pairs() * 2 * D * 4  # keys and values, float32, nothing else
+
+
+def test_varlen_packing_with_log_sum_exp_equals_the_loop(monkeypatch):
+    """The CUDA path's packing (all heads' kept pairs in one call, queries of any length) gives the
+    per-head loop's output; the kernel is replaced by a plain reference so this runs on CPU."""
+    torch.manual_seed(3)
+    layer, _, _ = _layer([4, 9, 2])
+    key, value = layer.update(torch.randn(1, HKV, 3, D), torch.randn(1, HKV, 3, D))
+    query = torch.randn(1, H, 3, D)
+    loop = ragged_attention(torch.nn.Module(), query, key, value, None, scaling=0.4)
+    monkeypatch.setattr(ragged, "_varlen_kernel_for", lambda query, key: reference_varlen_attn)
+    packed = ragged_attention(torch.nn.Module(), query, key, value, None, scaling=0.4)
+    torch.testing.assert_close(packed, loop, atol=1e-6, rtol=1e-5)
