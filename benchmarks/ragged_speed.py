@@ -79,9 +79,10 @@ def main() -> None:
         decode_seconds(session, question_ids, 4)
 
     decode_s: dict[str, list[float]] = {b: [] for b in BUDGETS}
-    for _ in range(args.rounds):
-        for budget, session in sessions.items():
-            decode_s[budget].append(decode_seconds(session, question_ids, args.decode_tokens))
+    for round_ in range(args.rounds):
+        order = BUDGETS if round_ % 2 == 0 else BUDGETS[::-1]  # ABBA: neither always goes first
+        for budget in order:
+            decode_s[budget].append(decode_seconds(sessions[budget], question_ids, args.decode_tokens))
     figures: dict = {
         "length": sessions["uniform"].context_length,
         "ratio": args.ratio,
@@ -90,6 +91,7 @@ def main() -> None:
         "kept_pairs": {b: cache_tokens(s.cache) for b, s in sessions.items()},
         "kv_bytes": {b: cache_bytes(s.cache) for b, s in sessions.items()},
         "decode_tok_s": {b: args.decode_tokens / statistics.median(v) for b, v in decode_s.items()},
+        "decode_s_rounds": decode_s,
     }
     figures["decode_ragged_over_dense"] = (
         figures["decode_tok_s"]["adaptive"] / figures["decode_tok_s"]["uniform"]

@@ -44,19 +44,16 @@ def ragged_attention(
 
 def kept_part(query: torch.Tensor, key: RaggedKV, scale: float) -> Partial:
     """Every head over its own kept pairs, one call per KV head on views of the packed tensors."""
-    n_kv = len(key.lengths)
-    group = query.shape[1] // n_kv
     outs, lses = [], []
-    head_values = key.values.split(key.lengths)
-    for head, head_keys in enumerate(key.keys.split(key.lengths)):
-        q = query[:, head * group : (head + 1) * group]  # (1, G, q, D)
+    groups = query.split(query.shape[1] // len(key.lengths), dim=1)  # Hkv × (1, G, q, D)
+    for head, (q, (head_keys, head_values)) in enumerate(zip(groups, key.heads, strict=True)):
         if key.channels is not None:
             q = q[..., key.channels[0, head]]  # (1, G, q, Dk)
-        if head_keys.shape[0] == 0:  # a head that kept nothing: no share of the softmax
-            outs.append(q.new_zeros(*q.shape[:3], key.values.shape[-1]))
+        if head_keys.shape[2] == 0:  # a head that kept nothing: no share of the softmax
+            outs.append(q.new_zeros(*q.shape[:3], head_values.shape[-1]))
             lses.append(q.new_full(q.shape[:3], -torch.inf, dtype=torch.float32))
             continue
-        part = attend(q, head_keys[None, None], head_values[head][None, None], scale)
+        part = attend(q, head_keys, head_values, scale)
         outs.append(part.out)
         lses.append(part.lse)
     return Partial(torch.cat(outs, dim=1), torch.cat(lses, dim=1))  # (1, H, q, Dv), (1, H, q)

@@ -46,6 +46,7 @@ class RaggedKV(KeysStandIn):
     keys: torch.Tensor
     values: torch.Tensor
     lengths: list[int]  # Hkv × K_h
+    heads: list[tuple[torch.Tensor, torch.Tensor]]  # Hkv × views (1, 1, K_h, D) of keys and values
     added_keys: torch.Tensor
     added_values: torch.Tensor
     channels: torch.Tensor | None = None  # (1, Hkv, Dk)

@@ -29,6 +29,7 @@ class RaggedLayer(KVTrimLayer):
         self.keys = keys  # (ΣK_h, D) head after head, or (ΣK_h, Dk) once channels are pruned
         self.values = values  # (ΣK_h, Dv)
         self.lengths = lengths  # Hkv × K_h
+        self.heads = _head_views(keys, values, lengths)
         self.added_keys = keys.new_empty(1, len(lengths), 0, keys.shape[-1])  # (1, Hkv, n, D)
         self.added_values = values.new_empty(1, len(lengths), 0, values.shape[-1])
         self.key_channels: torch.Tensor | None = None  # (1, Hkv, Dk) kept key channels (ThinK)
@@ -50,7 +51,13 @@ class RaggedLayer(KVTrimLayer):
         self.added_keys = torch.cat([self.added_keys, key_states], dim=2)  # (1, Hkv, n + q, D)
         self.added_values = torch.cat([self.added_values, value_states], dim=2)
         ragged = RaggedKV(
-            self.keys, self.values, self.lengths, self.added_keys, self.added_values, self.key_channels
+            self.keys,
+            self.values,
+            self.lengths,
+            self.heads,
+            self.added_keys,
+            self.added_values,
+            self.key_channels,
         )
         return ragged, ragged  # the attention function reads .keys of the first, .values of the second
 
@@ -78,6 +85,7 @@ class RaggedLayer(KVTrimLayer):
         """Keep only ``channels`` (1, Hkv, Dk) of every head's keys, now and for later tokens."""
         per_pair = channels[0].repeat_interleave(torch.tensor(self.lengths, device=channels.device), dim=0)
         self.keys = torch.gather(self.keys, 1, per_pair)  # (ΣK_h, Dk), each pair its head's channels
+        self.heads = _head_views(self.keys, self.values, self.lengths)
         self.added_keys = select_channels(self.added_keys, channels)
         self.key_channels = channels
 
@@ -110,5 +118,15 @@ class RaggedLayer(KVTrimLayer):
         return list(zip(keys, values, strict=True))
 
     def state(self) -> dict[str, Any]:
-        names = ("keys", "values", "lengths", "added_keys", "added_values", "key_channels")
+        names = ("keys", "values", "lengths", "heads", "added_keys", "added_values", "key_channels")
         return {name: getattr(self, name) for name in names}
+
+
+def _head_views(
+    keys: torch.Tensor, values: torch.Tensor, lengths: list[int]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each head's kept pairs as (1, 1, K_h, D) views of the packed tensors, made once per layer."""
+    return [
+        (k[None, None], v[None, None])
+        for k, v in zip(keys.split(lengths), values.split(lengths), strict=True)
+    ]

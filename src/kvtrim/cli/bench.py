@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kvtrim.bench.tasks.registry import DEFAULT_GRID_DEPTHS
-from kvtrim.cli.common import csv, depth, existing_file, model_label, positive, ratio
+from kvtrim.cli.common import MODEL_HELP, csv, depth, existing_file, model_label, positive, ratio
 
 if TYPE_CHECKING:
     from kvtrim.bench.config import BenchConfig
@@ -49,9 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _add_sweep_arguments(bench: argparse.ArgumentParser) -> None:
     """What is swept: tasks, methods, ratios, budgets, and the prompts' size."""
     bench.add_argument("--out", required=True, help="result folder (created; rerun to resume)")
-    bench.add_argument(
-        "--model", default=None, help="hub id, local directory or .gguf (default: embedded SmolLM2)"
-    )
+    bench.add_argument("--model", default=None, help=MODEL_HELP)
     bench.add_argument(
         "--tasks",
         default="ruler",

