@@ -20,13 +20,14 @@ def test_kept_counts_and_bytes_are_exact(model, tokenizer, ratio):
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     pair_bytes = 2 * cfg.num_key_value_heads * head_dim * 4  # K and V, float32, batch 1
     expected_keep = seq - math.floor(ratio * seq + 1e-9)
-    expected_before = expected_after = 0
+    expected_before = expected_after = expected_sliding = 0
     for layer in session.cache.layers:
         held = layer.keys.shape[-2]
         if getattr(layer, "is_sliding", False):
             assert held == min(seq, layer.sliding_window - 1)  # sliding layers are left as they are
             expected_before += held * pair_bytes
             expected_after += held * pair_bytes
+            expected_sliding += held * pair_bytes
         else:
             assert held == expected_keep
             expected_before += seq * pair_bytes
@@ -35,6 +36,7 @@ def test_kept_counts_and_bytes_are_exact(model, tokenizer, ratio):
         assert layer.keys.untyped_storage().nbytes() == layer.keys.numel() * 4
     assert session.stats.kv_bytes_before == expected_before
     assert session.stats.kv_bytes_after == expected_after == cache_bytes(session.cache)
+    assert session.stats.kv_bytes_sliding == expected_sliding  # reported apart: windows stay whole
 
 
 def test_n_keep_rounding():

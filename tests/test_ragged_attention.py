@@ -36,10 +36,13 @@ def test_two_parts_merged_equal_attention_over_their_union(q_len, written_out):
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
 
 
-def test_written_out_and_kernel_log_sum_exp_agree():
+@pytest.mark.parametrize("block", [256, 2])  # one block, and queries split into blocks of 2
+def test_written_out_and_kernel_log_sum_exp_agree(block):
     torch.manual_seed(1)
-    query, keys, values = torch.randn(1, H, 3, D), torch.randn(1, HKV, 9, D), torch.randn(1, HKV, 9, D)
-    kernel, written = attend(query, keys, values, 0.5), attend_written_out(query, keys, values, 0.5)
+    query, keys, values = torch.randn(1, H, 5, D), torch.randn(1, HKV, 9, D), torch.randn(1, HKV, 9, D)
+    visible = _causal(5, 9)
+    kernel = attend(query, keys, values, 0.5, visible)
+    written = attend_written_out(query, keys, values, 0.5, visible, block=block)
     torch.testing.assert_close(kernel.out, written.out, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(kernel.lse, written.lse, atol=1e-6, rtol=1e-5)
 

@@ -59,8 +59,24 @@ def attend_written_out(
     values: torch.Tensor,
     scale: float,
     visible: torch.Tensor | None = None,
+    block: int = 256,
 ) -> Partial:
-    """:func:`attend` with the scores materialised (any device, any key width), in float32."""
+    """:func:`attend` with the scores materialised (any device, any key width), in float32, for
+    ``block`` queries at a time: memory H · block · T, never H · q · T."""
+    outs, lses = [], []
+    for start in range(0, query.shape[2], block):
+        rows = None if visible is None else visible[..., start : start + block, :]
+        part = _written_out_block(query[:, :, start : start + block], keys, values, scale, rows)
+        outs.append(part.out)
+        lses.append(part.lse)
+    if len(outs) == 1:
+        return Partial(outs[0], lses[0])
+    return Partial(torch.cat(outs, dim=2), torch.cat(lses, dim=2))
+
+
+def _written_out_block(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, visible: torch.Tensor | None
+) -> Partial:
     batch, n_heads, q_len, _ = query.shape
     n_kv = keys.shape[1]
     grouped = query.reshape(batch, n_kv, (n_heads // n_kv) * q_len, -1).float()  # row g·q + t

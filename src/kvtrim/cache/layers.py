@@ -157,6 +157,11 @@ def cache_bytes(cache: Any) -> int:
     return sum(layer_bytes(layer) for layer in cache.layers)
 
 
+def sliding_bytes(cache: Any) -> int:
+    """Bytes held by the cache's sliding-window layers (Gemma 3's windows, left whole)."""
+    return sum(layer_bytes(layer) for layer in cache.layers if is_sliding(layer))
+
+
 def cache_tokens(cache: Any) -> int:
     """Total cached pairs summed over layers and kv-heads (B = 1) — a size, not a length."""
     return sum(layer_pairs(layer) for layer in cache.layers)

@@ -88,6 +88,7 @@ def _report(session: Any, answers: list, timings: dict[str, float], query_aware:
         "kv_bytes_before": stats.kv_bytes_before,
         "kv_bytes_after": stats.kv_bytes_after,
         "kv_bytes_peak": stats.kv_bytes_peak,
+        "kv_bytes_sliding": stats.kv_bytes_sliding,
         **{name: round(value, 4) for name, value in timings.items()},
     }
 
@@ -102,6 +103,11 @@ def _print(session: Any, answers: list, timings: dict[str, float], query_aware: 
     print(
         f"KV cache: {stats.kv_bytes_before / MIB:.1f} MiB -> {stats.kv_bytes_after / MIB:.1f} MiB "
         f"({saved:.0f}% saved)"
+        + (
+            f", of which sliding-window layers {stats.kv_bytes_sliding / MIB:.1f} MiB (kept whole)"
+            if stats.kv_bytes_sliding
+            else ""
+        )
     )
     if query_aware:
         print(f"query-aware: the context was compressed with each question ({len(answers)} compressions)")

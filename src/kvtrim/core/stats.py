@@ -17,6 +17,8 @@ class CompressionStats:
     #: largest KV cache held at any moment of the compression (bytes)
     kv_bytes_peak: int = 0
     layers_compressed: int = 0
+    #: bytes of kv_bytes_after held by sliding-window layers (kept whole within their window)
+    kv_bytes_sliding: int = 0
     per_layer_kept: list[float] = field(default_factory=list)
     #: (layer, head) evictions made while decoding, counted per layer
     decode_evictions: int = 0

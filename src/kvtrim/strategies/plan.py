@@ -9,6 +9,7 @@ from typing import Any
 
 from kvtrim.attention.interface import enable
 from kvtrim.budgets.base import Budget
+from kvtrim.cache.layers import sliding_bytes
 from kvtrim.core.spec import CompressionSpec
 from kvtrim.core.stats import CompressionStats
 from kvtrim.engine.eviction import PositionTracker, Selector
@@ -64,6 +65,7 @@ class Plan:
         **extra: Any,
     ) -> Session:
         """The session a compression by this plan left (``extra``: its question, its compressor)."""
+        stats.kv_bytes_sliding = sliding_bytes(cache)
         return Session(
             model=model,
             tokenizer=tokenizer,

@@ -23,7 +23,14 @@ from torch import nn
 from kvtrim.attention.interface import enable
 from kvtrim.budgets.base import Budget
 from kvtrim.cache.keep import keep_selected
-from kvtrim.cache.layers import is_sliding, layer_bytes, layer_heads, layer_tokens, logical_bytes
+from kvtrim.cache.layers import (
+    is_sliding,
+    layer_bytes,
+    layer_heads,
+    layer_tokens,
+    logical_bytes,
+    sliding_bytes,
+)
 from kvtrim.core.ratios import check_ratio
 from kvtrim.core.spec import Cell
 from kvtrim.core.stats import CompressionStats
@@ -78,6 +85,7 @@ class SharedPrefill:
                 stats.layers_compressed += 1
             stats.add_layer(before, layer_bytes(pruned), seq, keep, layer_heads(pruned))
             cache.layers.append(pruned)
+        stats.kv_bytes_sliding = sliding_bytes(cache)
         return Session(
             model=self.model,
             tokenizer=self.tokenizer,
