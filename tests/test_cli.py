@@ -183,3 +183,20 @@ def test_ask_query_aware_compresses_each_question(tmp_path, tiny_dir):
     # the last question's tokens were prefilled (and compressed) with the context
     assert report["context_tokens"] > plain["context_tokens"]
     _assert_user_error(run("demo", "--method", "snapkv-query-aware"), "kvtrim ask")
+
+
+def test_ask_saves_a_session_and_answers_from_it_alike(tmp_path, tiny_dir):
+    doc = tmp_path / "doc.txt"
+    doc.write_text(sample_text(150))
+    saved = tmp_path / "saved"
+    common = ["-q", "which?", "--model", tiny_dir, "--max-new-tokens", "6", "--json"]
+    first = run("ask", str(doc), "--method", "knorm", "--budget", "adaptive", "--save", str(saved), *common)
+    assert first.returncode == 0, first.stderr
+    again = run("ask", "--load", str(saved), *common)
+    assert again.returncode == 0, again.stderr
+    before, after = json.loads(first.stdout), json.loads(again.stdout)
+    assert after["answers"] == before["answers"] and after["spec"] == before["spec"]
+    assert after["kv_bytes_after"] == before["kv_bytes_after"] and after["compress_s"] == 0.0
+    (saved / "cache.safetensors").write_bytes(b"not a tensor file")
+    _assert_user_error(run("ask", "--load", str(saved), *common), "checksum")
+    _assert_user_error(run("ask", "-q", "which?"), "--load DIR")

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from kvtrim.models import load_model
     from kvtrim.schedules import DecodingSchedule
     from kvtrim.scorers import METHODS, LayerView, Scorer, make_scorer
-    from kvtrim.sessions import Answer, BatchSession, Session
+    from kvtrim.sessions import Answer, BatchSession, Session, load_session
 
 #: public name -> module that defines it
 _LAZY = {
@@ -42,6 +42,7 @@ _LAZY = {
     "Answer": "kvtrim.sessions",
     "BatchSession": "kvtrim.sessions",
     "Session": "kvtrim.sessions",
+    "load_session": "kvtrim.sessions",
 }
 
 
@@ -74,5 +75,6 @@ __all__ = [
     "compress",
     "compressing",
     "load_model",
+    "load_session",
     "make_scorer",
 ]

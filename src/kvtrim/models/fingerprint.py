@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -21,3 +22,14 @@ def model_fingerprint(model: nn.Module) -> str:
     digest.update(first_proj.weight.detach().float().cpu().flatten()[:4096].numpy().tobytes())
     name = Path(str(getattr(cfg, "_name_or_path", "") or cfg.model_type)).name.replace(" ", "_")
     return f"{name[:60]}-{digest.hexdigest()[:12]}"
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """12 hex digits from the vocabulary, the special tokens and the chat template: two tokenizers
+    that could turn one text into different ids never share it."""
+    digest = hashlib.sha1()
+    vocab = sorted(tokenizer.get_vocab().items())
+    special = getattr(tokenizer, "special_tokens_map", {})
+    template = getattr(tokenizer, "chat_template", None)
+    digest.update(json.dumps([type(tokenizer).__name__, vocab, special, template], default=str).encode())
+    return digest.hexdigest()[:12]

@@ -2,6 +2,7 @@
 
 from kvtrim.sessions.answer import Answer
 from kvtrim.sessions.batch import BatchSession
+from kvtrim.sessions.load import load_session
 from kvtrim.sessions.session import Session
 
-__all__ = ["Answer", "BatchSession", "Session"]
+__all__ = ["Answer", "BatchSession", "Session", "load_session"]

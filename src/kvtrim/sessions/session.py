@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from kvtrim.generation import greedy_decode, stop_token_ids
 from kvtrim.models.adapters import max_context
 from kvtrim.models.prompting import PromptLayout, encode
 from kvtrim.sessions.answer import Answer
+from kvtrim.sessions.stored import save_session
 
 
 @dataclass
@@ -55,6 +57,11 @@ class Session:
     @property
     def evicts_while_decoding(self) -> bool:
         return self.compressor is not None
+
+    def save(self, path: str | Path) -> Path:
+        """Write this session to the folder ``path``, atomically and with checksums; load it back
+        with :func:`kvtrim.load_session` (same model and tokenizer)."""
+        return save_session(self, path)
 
     def ask(self, question: str | None = None, max_new_tokens: int = 64, answer_prefix: str = "") -> str:
         """Answer ``question`` from the compressed cache (greedy decoding).
