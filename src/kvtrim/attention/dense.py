@@ -1,4 +1,5 @@
-"""Attention over ordinary key and value tensors, and over keys pruned to some channels (ThinK)."""
+"""Attention over ordinary key and value tensors (keeping its log-sum-exp when asked, for KVzip),
+and over keys pruned to some channels (ThinK)."""
 
 from __future__ import annotations
 
