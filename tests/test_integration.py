@@ -13,13 +13,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from needle_probe import DEPTHS, needle_hits, needle_samples
 
 import kvtrim
-from kvtrim.bench.tasks.needle import needle_sample
 
 pytestmark = pytest.mark.integration
 
-DEPTHS = [i / 9 for i in range(10)]
 MEASURED = {"knorm": 8, "expected-attention": 1, "qfilters": 9}
 
 
@@ -30,17 +29,11 @@ def embedded():
 
 @pytest.fixture(scope="module")
 def samples(embedded):
-    _, tokenizer = embedded
-    return [needle_sample(tokenizer, 2000, depth, seed=i) for i, depth in enumerate(DEPTHS)]
+    return needle_samples(embedded[1])
 
 
 def _hits(embedded, samples, method: str, ratio: float, **options) -> list[int]:
-    model, tokenizer = embedded
-    hits = []
-    for sample in samples:
-        session = kvtrim.compress(model, tokenizer, sample.context, method=method, ratio=ratio, **options)
-        hits.append(int(sample.answer in session.ask(sample.question, max_new_tokens=32)))
-    return hits
+    return needle_hits(*embedded, samples, method, ratio, **options)
 
 
 def test_needle_found_at_every_depth_without_eviction(embedded, samples):

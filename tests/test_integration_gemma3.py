@@ -9,14 +9,13 @@ accuracies measured when the model was added (no regression allowed; docs/result
 from __future__ import annotations
 
 import pytest
+from needle_probe import DEPTHS, needle_hits, needle_samples
 
 import kvtrim
-from kvtrim.bench.tasks.needle import needle_sample
 from kvtrim.cache.layers import is_sliding
 
 pytestmark = pytest.mark.integration
 
-DEPTHS = [i / 9 for i in range(10)]
 MEASURED = {"expected-attention": 2, "qfilters": 10}  # knorm: 0/10, see docs/results.md
 
 
@@ -27,17 +26,11 @@ def gemma3():
 
 @pytest.fixture(scope="module")
 def samples(gemma3):
-    _, tokenizer = gemma3
-    return [needle_sample(tokenizer, 2000, depth, seed=i) for i, depth in enumerate(DEPTHS)]
+    return needle_samples(gemma3[1])
 
 
 def _hits(gemma3, samples, method: str, ratio: float, **options) -> list[int]:
-    model, tokenizer = gemma3
-    hits = []
-    for sample in samples:
-        session = kvtrim.compress(model, tokenizer, sample.context, method=method, ratio=ratio, **options)
-        hits.append(int(sample.answer in session.ask(sample.question, max_new_tokens=32)))
-    return hits
+    return needle_hits(*gemma3, samples, method, ratio, **options)
 
 
 def test_the_named_model_is_gemma3_with_sliding_layers(gemma3):
