@@ -17,6 +17,7 @@ from kvtrim.budgets import Budget
 from kvtrim.core.errors import KVTrimError
 from kvtrim.core.spec import DEFAULT_METHOD, DEFAULT_RATIO, CompressionSpec
 from kvtrim.engine.compressor import Compressor
+from kvtrim.models.prompting import PromptLayout
 from kvtrim.scorers import Scorer
 from kvtrim.sessions import BatchSession, Session
 from kvtrim.strategies.planner import plan, plan_generate
@@ -65,7 +66,7 @@ def resolve_spec(
 def compress(
     model: nn.Module,
     tokenizer: Any,
-    context: str,
+    context: str | PromptLayout,
     method: str | Scorer = ...,
     ratio: float = ...,
     **kwargs: Any,
@@ -86,7 +87,7 @@ def compress(
 def compress(
     model: nn.Module,
     tokenizer: Any,
-    context: str | Sequence[str],
+    context: str | PromptLayout | Sequence[str],
     method: str | Scorer = DEFAULT_METHOD,
     ratio: float = DEFAULT_RATIO,
     *,
@@ -111,7 +112,10 @@ def compress(
     ``decode_budget`` / ``evict_every`` (keep evicting while answering), ``key_channels`` (ThinK).
     A list of contexts gives a :class:`~kvtrim.BatchSession`, each context keeping what it would
     keep alone. ``question=q`` compresses the question with the context (query-aware): the session
-    answers that question only. The README's Library section describes every axis.
+    answers that question only. A :class:`~kvtrim.models.prompting.PromptLayout` in place of the
+    text is compressed exactly as laid out (its ``context_text`` is the whole prefix, template
+    included: how a server keeps a conversation's own rendering). The README's Library section
+    describes every axis.
     """
     resolved, scorer, policy = resolve_spec(
         spec,
@@ -131,7 +135,7 @@ def compress(
         raise KVTrimError(
             "This spec compresses the question with the context (query-aware): pass question=...."
         )
-    if isinstance(context, str):
+    if isinstance(context, (str, PromptLayout)):
         single = plan(resolved, scorer=scorer, budget=policy)
         return single.run(
             model,

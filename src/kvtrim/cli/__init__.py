@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from kvtrim.cli import ask, bench, calibrate, demo, methods, report
+from kvtrim.cli import ask, bench, calibrate, demo, methods, report, serve
 from kvtrim.cli.common import EXIT_USAGE, Parser
 from kvtrim.core.errors import KVTrimError
 from kvtrim.core.version import __version__
@@ -24,6 +24,7 @@ COMMANDS = {
     "calibrate": calibrate,
     "bench": bench,
     "report": report,
+    "serve": serve,
 }
 
 

@@ -58,19 +58,24 @@ def encode(tokenizer: Any, text: str, add_special_tokens: bool = False) -> list[
 def encode_context(
     model: Any,
     tokenizer: Any,
-    context: str,
+    context: str | PromptLayout,
     use_chat_template: bool | None,
     question: str | None = None,
 ) -> tuple[PromptLayout, list[int]]:
     """Lay out and tokenize the part of the prompt to compress: the context, then (query-aware) the
     question with its prefix but not the template's closing. Refuses an empty context or question,
-    and a prompt beyond the model's window.
+    and a prompt beyond the model's window. A ready :class:`PromptLayout` is used as it is (a
+    server renders a conversation's own text around its document).
 
     The question is tokenized apart from the context, at the same boundary as when it is asked
     after a compressed context, so both layouts hold the same tokens."""
-    if not context or not context.strip():
+    text = context.context_text if isinstance(context, PromptLayout) else context
+    if not text or not text.strip():
         raise KVTrimError("The context is empty: give some text to compress.")
-    layout = layout_for(tokenizer, context, use_chat_template)
+    if isinstance(context, PromptLayout):
+        layout = context
+    else:
+        layout = layout_for(tokenizer, context, use_chat_template)
     ids = encode(tokenizer, layout.context_text, layout.add_special_tokens)
     what = "context"
     if question is not None:

@@ -155,7 +155,7 @@ def reconstruction_choices(
 def compress_by_reconstruction(
     model: nn.Module,
     tokenizer: Any,
-    context: str,
+    context: str | PromptLayout,
     plan: Plan,
     *,
     use_chat_template: bool | None = None,
@@ -165,6 +165,8 @@ def compress_by_reconstruction(
     """Prefill ``context`` keeping every pair, score it by reconstruction, then evict every layer."""
     check_supported(model)
     layout, ids = encode_context(model, tokenizer, context, use_chat_template)
+    if isinstance(context, PromptLayout):
+        context = context.context_text
     plan.prepare(model, tokenizer)
     cache = new_cache(model)
     with Compressor(model, keep_everything(), seed=seed).attached():

@@ -11,7 +11,7 @@ from kvtrim.engine.compressor import Compressor
 from kvtrim.generation import prefill
 from kvtrim.models.adapters import check_supported
 from kvtrim.models.forward import new_cache
-from kvtrim.models.prompting import encode_context
+from kvtrim.models.prompting import PromptLayout, encode_context
 from kvtrim.sessions.session import Session
 from kvtrim.strategies.plan import Plan
 
@@ -20,7 +20,7 @@ from kvtrim.strategies.plan import Plan
 def compress_single(
     model: nn.Module,
     tokenizer: Any,
-    context: str,
+    context: str | PromptLayout,
     plan: Plan,
     *,
     use_chat_template: bool | None = None,
