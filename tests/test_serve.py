@@ -14,9 +14,9 @@ from pathlib import Path
 import openai
 import pytest
 from conftest import make_model, make_tokenizer, sample_text
-from serve_process import Server
 
 import kvtrim
+from kvtrim.serve.process import Server
 
 SPEC = "knorm@0.5"
 KEY = "test-key"

@@ -1,4 +1,9 @@
-"""Start a real ``kvtrim serve`` process on a free 127.0.0.1 port, and stop it (for the serve tests)."""
+"""A ``kvtrim serve`` process on a free 127.0.0.1 port, started as a user starts it and stopped again.
+
+Tests and ``benchmarks/serve_load.py`` talk to a real server through this: ``start`` returns once
+``/health`` answers (or raises with the end of the server's log), ``stop`` sends SIGTERM, ``kill``
+stops it at once as a crash would.
+"""
 
 from __future__ import annotations
 
@@ -21,22 +26,23 @@ def free_port() -> int:
 class Server:
     """One ``kvtrim serve`` process; ``url`` is its base URL once :meth:`start` returned."""
 
-    def __init__(self, model_dir: str, store: Path, *extra: str):
-        self.model_dir, self.store, self.extra = model_dir, store, extra
+    def __init__(self, model: str, store: Path, *extra: str, threads: int = 1):
+        self.model, self.store, self.extra, self.threads = model, Path(store), extra, threads
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
-        self.log = store.parent / f"serve-{self.port}.log"
+        self.log = self.store.parent / f"serve-{self.port}.log"
 
     def start(self, timeout_s: float = 120.0) -> Server:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        self.store.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "HF_HUB_OFFLINE": "1"}
         command = [
             sys.executable,
             "-m",
             "kvtrim.cli",
             "serve",
             "--model",
-            self.model_dir,
+            self.model,
             "--port",
             str(self.port),
             "--store",
