@@ -94,3 +94,19 @@ def test_a_session_evicting_while_decoding_is_not_saved(tmp_path):
     with pytest.raises(KVTrimError, match="evicts while decoding"):
         session.save(tmp_path / "s")
     assert not (tmp_path / "s").exists()
+
+
+def test_a_batch_element_is_a_session_that_saves_and_answers_as_its_row(tmp_path):
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    contexts = [sample_text(300, seed=1), sample_text(180, seed=2)]
+    batch = kvtrim.compress(model, tokenizer, contexts, method="knorm", ratio=0.5)
+    rows = batch.answer(["first?", "second?"], max_new_tokens=8)
+    for b, question in enumerate(["first?", "second?"]):
+        element = batch.element(b)
+        alone = kvtrim.compress(model, tokenizer, contexts[b], method="knorm", ratio=0.5)
+        assert element.stats.kv_bytes_after == alone.stats.kv_bytes_after
+        element.save(tmp_path / str(b))
+        loaded = kvtrim.load_session(make_model("llama"), tokenizer, tmp_path / str(b))
+        assert loaded.answer(question, max_new_tokens=8).token_ids == rows[b].token_ids
+    with pytest.raises(KVTrimError, match="contexts 0..1"):
+        batch.element(2)

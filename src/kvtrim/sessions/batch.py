@@ -15,14 +15,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from kvtrim.cache.serialize import cache_tensors, restore_cache
 from kvtrim.cache.snapshot import CacheSnapshot
 from kvtrim.core.errors import KVTrimError
 from kvtrim.core.spec import CompressionSpec
 from kvtrim.core.stats import CompressionStats
 from kvtrim.generation import decode, pad_token_id, stop_token_ids
-from kvtrim.models.adapters import max_context
+from kvtrim.models.adapters import max_context, model_device
+from kvtrim.models.forward import new_cache
 from kvtrim.models.prompting import PromptLayout, encode
 from kvtrim.sessions.answer import Answer
+from kvtrim.sessions.session import Session
 
 
 @dataclass
@@ -119,6 +122,31 @@ class BatchSession:
                     f"tokens exceed the model's window of {window} tokens."
                 )
         return prompts, limits
+
+    def element(self, b: int) -> Session:
+        """Context b alone, as a :class:`Session` holding only its own pairs (no padding slots):
+        it answers as the batch row does, any number of questions, and can be saved."""
+        if not 0 <= b < len(self):
+            raise KVTrimError(f"This batch holds contexts 0..{len(self) - 1}, not {b}.")
+        tensors, layers = cache_tensors(self.cache)
+        if any(meta["kind"] != "dense" for meta in layers):
+            raise KVTrimError("Only a batch of dense layers can be split into sessions.")
+        # (1, Hkv, K_b, D) per tensor: row b without its padding slots
+        own = {name: t[b : b + 1, :, self.padding[b] :].clone() for name, t in tensors.items()}
+        cache = restore_cache(new_cache(self.model), own, layers, model_device(self.model))
+        return Session(
+            model=self.model,
+            tokenizer=self.tokenizer,
+            cache=cache,
+            layout=self.layouts[b],
+            context_length=self.context_lengths[b],
+            method=self.method,
+            ratio=self.ratio,
+            stats=self.element_stats(b),
+            prefill_s=self.prefill_s,
+            budget=self.budget,
+            spec=self.spec,
+        )
 
     def element_stats(self, b: int) -> CompressionStats:
         """Context b's own figures, as if compressed alone: its pairs only, no padding slots."""
