@@ -195,7 +195,7 @@ def test_explicit_contexts(server, client, model_dir, expected):
     assert fetched["tokens"] == card["tokens"]
 
 
-def test_eight_concurrent_clients_get_their_own_answers(client, model_dir, expected):
+def test_eight_concurrent_clients_get_their_own_answers(server, client, model_dir, expected):
     results: dict[int, str] = {}
 
     def ask(i: int) -> None:
@@ -210,6 +210,7 @@ def test_eight_concurrent_clients_get_their_own_answers(client, model_dir, expec
     assert {i: results.get(i) for i in range(8)} == {
         i: expected[QUESTIONS[i % len(QUESTIONS)]] for i in range(8)
     }
+    assert _metric(server, "kvtrim_batched_requests_total") > 0  # those waiting together ran as a batch
 
 
 def test_a_full_queue_answers_429(server, model_dir):

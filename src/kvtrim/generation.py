@@ -113,7 +113,7 @@ def decode(
     padding, ids, prompt_mask = left_pad(prompts, pad_id)  # (B, W)
     mask = None
     if any(padding) or any(cache_padding or ()):
-        cache_len = _cache_length(cache)
+        cache_len = cache_length(cache)
         cache_mask = (
             torch.arange(cache_len)[None] >= torch.tensor(cache_padding or [0] * len(prompts))[:, None]
         )
@@ -146,7 +146,8 @@ def decode(
     return generated
 
 
-def _cache_length(cache: Any) -> int:
+def cache_length(cache: Any) -> int:
+    """The slots every layer of a batched cache holds (they must agree)."""
     lengths = {int(layer.keys.shape[-2]) for layer in cache.layers}
     if len(lengths) != 1:
         raise ValueError("A batched cache needs every layer to hold as many slots.")

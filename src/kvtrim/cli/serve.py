@@ -73,6 +73,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="requests that may wait for the model; more get 429 (default 16)",
     )
     serve.add_argument(
+        "--max-batch",
+        type=positive,
+        default=8,
+        help="requests waiting on one context decoded together, one forward per step (default 8; "
+        "1: one by one). Only caches of dense layers are batched",
+    )
+    serve.add_argument(
         "--timeout", type=float, default=300.0, help="seconds a request may take (default 300)"
     )
     serve.add_argument(
@@ -125,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
         default_max_tokens=args.max_tokens,
         memory_budget=args.memory_budget,
         queue_size=args.queue_size,
+        max_batch=args.max_batch,
         request_timeout_s=args.timeout,
     )
     service = Service(model, tokenizer, Contexts(model, tokenizer, store, args.memory_budget), config)

@@ -45,7 +45,7 @@ class ApiError(Exception):
 
 def create_app(service: Service, api_key: str | None = None, max_request_bytes: int = 8 << 20) -> Any:
     """The ASGI app serving ``service`` (wrapped in the body-size guard)."""
-    worker = ModelWorker(service.config.queue_size)
+    worker = ModelWorker(service.config.queue_size, service.config.max_batch, service.run_batch)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -220,9 +220,13 @@ async def _run_on_worker(worker: ModelWorker, service: Service, work: Any) -> An
     return result["value"]
 
 
-def _submit(worker: ModelWorker, service: Service, run: Any) -> Job:
+def _submit(worker: ModelWorker, service: Service, run: Any, prepared: Prepared | None = None) -> Job:
     job = Job(
-        run=run, loop=asyncio.get_running_loop(), deadline=time.monotonic() + service.config.request_timeout_s
+        run=run,
+        loop=asyncio.get_running_loop(),
+        deadline=time.monotonic() + service.config.request_timeout_s,
+        batch_key=None if prepared is None else prepared.key,
+        payload=prepared,
     )
     try:
         return worker.submit(job)
@@ -264,8 +268,7 @@ async def _answer(
     stream: bool,
     include_usage: bool,
 ) -> Response:
-    arrived = time.perf_counter()
-    job = _submit(worker, service, service.job(prepared, arrived))
+    job = _submit(worker, service, lambda emit, cancelled: service.run_one(job), prepared)
     ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     if stream:

@@ -40,6 +40,10 @@ class Obtained:
     source: Source
     spec: str
 
+    def reused(self) -> Obtained:
+        """The same context as seen by a request batched with the one that found it."""
+        return Obtained(self.id, self.session, "memory", self.spec)
+
 
 class ContextNotFound(KVTrimError):
     """No context has this id (never made, deleted, or evicted)."""

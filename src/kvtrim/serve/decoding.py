@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from kvtrim.cache.snapshot import CacheSnapshot
+from kvtrim.generation import cache_length, left_pad, padded_positions
 from kvtrim.models.forward import forward
 
 
@@ -119,3 +120,59 @@ class TextStream:
         piece = self.text[self.sent : upto] if upto > self.sent else ""
         self.sent = max(self.sent, upto)
         return piece
+
+
+@torch.inference_mode()
+def generate_batch(
+    model: nn.Module,
+    cache: object,
+    start: int,
+    prompts: Sequence[Sequence[int]],
+    samplings: Sequence[Sampling],
+    stop_ids: set[int],
+    finished: Callable[[int], bool],
+    pad_id: int = 0,
+) -> Iterator[tuple[int, int | None]]:
+    """:func:`generate` for several prompts after one context, batched (``cache`` holds one row
+    per prompt): yields ``(row, token)``, and ``(row, None)`` once when a row ends (stop token,
+    its own limit, or ``finished(row)``). Rows that end leave the batch."""
+    padding, ids, prompt_mask = left_pad(prompts, pad_id)  # (B, W)
+    mask = None
+    if any(padding):
+        slots = torch.ones(len(prompts), cache_length(cache), dtype=prompt_mask.dtype)
+        mask = torch.cat([slots, prompt_mask], dim=1)  # (B, K + W)
+    positions = padded_positions(padding, ids.shape[1], [start] * len(prompts))  # (B, W)
+    generators = []
+    for sampling in samplings:
+        generator = None
+        if sampling.temperature > 0:
+            generator = torch.Generator()
+            generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+        generators.append(generator)
+    active, produced = list(range(len(prompts))), [0] * len(prompts)
+    while active:
+        logits = forward(model, ids, positions, cache, mask).logits[:, -1]  # (B', V)
+        going, tokens = [], []
+        for slot, row in enumerate(active):
+            token = None if finished(row) else pick(logits[slot], samplings[row], generators[row])
+            if token is None or token in stop_ids:
+                yield row, None
+                continue
+            yield row, token
+            produced[row] += 1
+            if produced[row] >= samplings[row].max_new_tokens or finished(row):
+                yield row, None
+                continue
+            going.append(slot)
+            tokens.append(token)
+        if not going:
+            return
+        positions = positions[going, -1:] + 1
+        if len(going) < len(active):
+            keep = torch.tensor(going, device=logits.device)
+            cache.batch_select_indices(keep)  # type: ignore[attr-defined]
+            mask = None if mask is None else mask[keep.cpu()]
+            active = [active[slot] for slot in going]
+        ids = torch.tensor([[t] for t in tokens])  # (B', 1)
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)

@@ -38,6 +38,11 @@ class Metrics:
         self.contexts = Counter(
             "kvtrim_context_lookups", "Context lookups by where the context came from", ["source"], registry=r
         )
+        self.batched = Counter(
+            "kvtrim_batched_requests",
+            "Requests decoded in a batch with others on the same context",
+            registry=r,
+        )
         self.rejected = Counter("kvtrim_rejected", "Requests refused before running", ["reason"], registry=r)
         self.quarantined = Gauge(
             "kvtrim_store_quarantined", "Stored entries that failed verification (whole store)", registry=r

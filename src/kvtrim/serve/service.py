@@ -9,24 +9,25 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
+from kvtrim.cache.serialize import cache_tensors, restore_cache
 from kvtrim.core.errors import KVTrimError
 from kvtrim.core.spec import CompressionSpec
-from kvtrim.generation import stop_token_ids
-from kvtrim.models.adapters import max_context
+from kvtrim.generation import pad_token_id, stop_token_ids
+from kvtrim.models.adapters import max_context, model_device
 from kvtrim.models.forward import new_cache
 from kvtrim.models.prompting import PromptLayout, encode
 from kvtrim.serve.contexts import ContextNotFound, Contexts, Obtained
 from kvtrim.serve.conversation import Prompt, chat_prompt, completion_prompt
-from kvtrim.serve.decoding import Sampling, TextStream, generate
+from kvtrim.serve.decoding import Sampling, TextStream, generate, generate_batch
 from kvtrim.serve.metrics import Metrics
 from kvtrim.serve.schemas import ChatRequest, CompletionRequest, GenerationFields
-from kvtrim.serve.worker import Emit
+from kvtrim.serve.worker import Job
 from kvtrim.strategies.planner import plan
 
 
@@ -40,6 +41,8 @@ class ServeConfig:
     default_max_tokens: int = 256
     memory_budget: int = 2 << 30
     queue_size: int = 16
+    #: requests on one context decoded together (dense caches only); 1 runs them one by one
+    max_batch: int = 8
     request_timeout_s: float = 300.0
 
 
@@ -54,6 +57,8 @@ class Prepared:
     rest_ids: list[int]
     sampling: Sampling
     stops: list[str]
+    #: the id of the context (computed or stored) this request answers from; None: plain prefill
+    key: str | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -142,48 +147,114 @@ class Service:
             top_p=request.top_p,
             seed=request.seed,
         )
-        return Prepared(layout, context_id, spec, len(context_ids), rest_ids, sampling, request.stops())
+        key = context_id
+        if key is None and layout is not None:
+            key = self.contexts.key(layout, spec)[0]
+        return Prepared(layout, context_id, spec, len(context_ids), rest_ids, sampling, request.stops(), key)
 
     # --- running ------------------------------------------------------------------------------
 
-    def job(self, prepared: Prepared, arrived: float) -> Callable[[Emit, Callable[[], bool]], None]:
-        """The model work of a prepared request, as a worker job."""
+    def run_one(self, job: Job) -> None:
+        """The model work of one request: find or compress its context, then decode after it."""
+        prepared: Prepared = job.payload
+        obtained = self._context(prepared)
+        if obtained is None:
+            cache, start = new_cache(self.model), 0
+            self.metrics.prefill_tokens.inc(len(prepared.rest_ids))
+        else:
+            cache, start = obtained.session.cache, obtained.session.context_length
+        stream = TextStream(self.tokenizer, prepared.stops)
+        produced = 0
+        tokens = generate(
+            self.model, cache, start, prepared.rest_ids, prepared.sampling, self.stop_ids, job.cancelled
+        )
+        try:
+            for token in tokens:
+                produced += 1
+                if produced == 1:
+                    self.metrics.first_token.observe(time.perf_counter() - job.arrived)
+                piece = stream.push(token)
+                if piece:
+                    job.emit(("text", piece))
+                if stream.stopped:
+                    break
+        finally:
+            tokens.close()  # puts the cache back
+        self._finish(job, prepared, obtained, stream, produced)
 
-        def run(emit: Emit, cancelled: Callable[[], bool]) -> None:
-            obtained = self._context(prepared)
-            if obtained is None:
-                cache, start = new_cache(self.model), 0
-                self.metrics.prefill_tokens.inc(len(prepared.rest_ids))
-            else:
-                cache, start = obtained.session.cache, obtained.session.context_length
-            stream = TextStream(self.tokenizer, prepared.stops)
-            produced, first = 0, True
-            tokens = generate(
-                self.model, cache, start, prepared.rest_ids, prepared.sampling, self.stop_ids, cancelled
+    def run_batch(self, jobs: Sequence[Job]) -> None:
+        """Jobs answering from one context, decoded together (one forward per step for all).
+
+        Only a cache of dense layers is copied into a batch; any other runs the jobs one by one."""
+        prepared: list[Prepared] = [job.payload for job in jobs]
+        obtained = self._context(prepared[0])
+        assert obtained is not None
+        batched = repeated_rows(self.model, obtained.session.cache, len(jobs))
+        if batched is None:
+            for job in jobs:
+                job.run(job.emit, job.cancelled)
+            return
+        self.metrics.batched.inc(len(jobs))
+        for p in prepared[1:]:
+            self.metrics.contexts.labels("memory").inc()
+            self.metrics.prefill_tokens.inc(len(p.rest_ids))
+        streams = [TextStream(self.tokenizer, p.stops) for p in prepared]
+        produced, first = [0] * len(jobs), [True] * len(jobs)
+        ended: set[int] = set()
+
+        def finished(row: int) -> bool:
+            return jobs[row].cancelled() or streams[row].stopped
+
+        rows = generate_batch(
+            self.model,
+            batched,
+            obtained.session.context_length,
+            [p.rest_ids for p in prepared],
+            [p.sampling for p in prepared],
+            self.stop_ids,
+            finished,
+            pad_token_id(self.tokenizer),
+        )
+        for row, token in rows:
+            job = jobs[row]
+            if token is None:
+                ended.add(row)
+                self._finish(
+                    job,
+                    prepared[row],
+                    obtained if row == 0 else obtained.reused(),
+                    streams[row],
+                    produced[row],
+                )
+                continue
+            produced[row] += 1
+            if first[row]:
+                self.metrics.first_token.observe(time.perf_counter() - job.arrived)
+                first[row] = False
+            piece = streams[row].push(token)
+            if piece:
+                job.emit(("text", piece))
+        for row in set(range(len(jobs))) - ended:
+            self._finish(
+                jobs[row],
+                prepared[row],
+                obtained if row == 0 else obtained.reused(),
+                streams[row],
+                produced[row],
             )
-            try:
-                for token in tokens:
-                    produced += 1
-                    if first:
-                        self.metrics.first_token.observe(time.perf_counter() - arrived)
-                        first = False
-                    piece = stream.push(token)
-                    if piece:
-                        emit(("text", piece))
-                    if stream.stopped:
-                        break
-            finally:
-                tokens.close()  # puts the cache back
-            if cancelled():
-                emit(("cancelled", None))
-                return
-            tail = stream.finish()
-            if tail:
-                emit(("text", tail))
-            limit_hit = produced >= prepared.sampling.max_new_tokens and not stream.stopped
-            emit(("usage", self._usage(prepared, obtained, produced, "length" if limit_hit else "stop")))
 
-        return run
+    def _finish(
+        self, job: Job, prepared: Prepared, obtained: Obtained | None, stream: TextStream, produced: int
+    ) -> None:
+        """A request's last events: the held-back text and its usage, or its cancellation."""
+        if job.cancelled():
+            job.emit(("cancelled", None))
+            return
+        tail = stream.finish()
+        if tail:
+            job.emit(("text", tail))
+        limit_hit = produced >= prepared.sampling.max_new_tokens and not stream.stopped
+        job.emit(("usage", self._usage(prepared, obtained, produced, "length" if limit_hit else "stop")))
 
     def _context(self, prepared: Prepared) -> Obtained | None:
         if prepared.context_id is not None:
@@ -233,3 +304,13 @@ class Service:
             m.quarantined.set(store.quarantined_total())
             m.store_bytes.set(store.total_bytes())
             m.store_entries.set(len(contexts.listing()))
+
+
+def repeated_rows(model: nn.Module, cache: object, rows: int) -> object | None:
+    """A copy of a one-row ``cache`` with ``rows`` identical rows, or None unless every layer is
+    dense (ragged heads, pruned channels and sliding windows are not batched)."""
+    tensors, layers = cache_tensors(cache)
+    if any(meta["kind"] != "dense" for meta in layers):
+        return None
+    copies = {name: t.expand(rows, *t.shape[1:]).contiguous() for name, t in tensors.items()}  # (rows, ...)
+    return restore_cache(new_cache(model), copies, layers, model_device(model))
