@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kvtrim.bench.tasks.registry import DEFAULT_GRID_DEPTHS
 from kvtrim.cli.common import MODEL_HELP, csv, depth, existing_file, model_label, positive, ratio
+from kvtrim.core.errors import KVTrimError
 
 if TYPE_CHECKING:
     from kvtrim.bench.config import BenchConfig
@@ -43,7 +44,31 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     _add_sweep_arguments(bench)
     _add_run_arguments(bench)
+    _add_ray_arguments(bench)
     _add_data_arguments(bench)
+
+
+def _add_ray_arguments(bench: argparse.ArgumentParser) -> None:
+    """Where the samples run: here, or on Ray actors (``pip install 'kvtrim[ray]'``)."""
+    bench.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help="run the samples on Ray actors: no value starts a local Ray instance, 'auto' or an "
+        "address (host:port) joins a running cluster; rows and resume are as in a local run",
+    )
+    bench.add_argument(
+        "--ray-workers", type=positive, default=2, help="Ray actors, each loads the model once (default 2)"
+    )
+    bench.add_argument(
+        "--ray-cpus-per-worker",
+        type=float,
+        default=1.0,
+        help="CPUs (and torch threads) per actor (default 1)",
+    )
+    bench.add_argument("--ray-gpus-per-worker", type=float, default=0.0, help="GPUs per actor (default 0)")
 
 
 def _add_sweep_arguments(bench: argparse.ArgumentParser) -> None:
@@ -167,17 +192,20 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"{n} samples x {len(config.cells())} cells -> {args.out}/results.jsonl", file=sys.stderr, flush=True
     )
-    summary = run_bench(
-        model,
-        tokenizer,
-        config,
-        args.out,
-        share=not args.no_share,
-        progress=not args.quiet,
-        samples=samples,
-        batch_size=args.batch_size,
-        cell_batch=args.cell_batch,
-    )
+    if args.ray is not None:
+        summary = _run_on_ray(args, config, samples)
+    else:
+        summary = run_bench(
+            model,
+            tokenizer,
+            config,
+            args.out,
+            share=not args.no_share,
+            progress=not args.quiet,
+            samples=samples,
+            batch_size=args.batch_size,
+            cell_batch=args.cell_batch,
+        )
     print(summary_markdown(summary.rows, f"kvtrim bench — {Path(args.out).name}"))
     print(
         f"{summary.written} new rows, {summary.skipped} already done, in {summary.wall_s:.1f} s. "
@@ -185,6 +213,29 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _run_on_ray(args: argparse.Namespace, config: Any, samples: Any) -> Any:
+    from kvtrim.bench.distributed import RayOptions, run_bench_on_ray
+
+    if args.batch_size > 1:
+        raise KVTrimError("--ray runs one sample per task of work: drop --batch-size (--cell-batch works).")
+    options = RayOptions(
+        address=args.ray,
+        workers=args.ray_workers,
+        cpus_per_worker=args.ray_cpus_per_worker,
+        gpus_per_worker=args.ray_gpus_per_worker,
+    )
+    return run_bench_on_ray(
+        args.model,
+        config,
+        args.out,
+        samples,
+        options,
+        share=not args.no_share,
+        cell_batch=args.cell_batch,
+        progress=not args.quiet,
+    )
 
 
 def _config(args: argparse.Namespace) -> BenchConfig:
