@@ -8,7 +8,9 @@ BIN    := $(VENV)/bin
 # CPU build of torch by default; override (e.g. TORCH=torch) on a CUDA machine.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo test test-unit lint bench clean
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup browser demo test test-unit lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -24,7 +26,13 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: setup
 	$(BIN)/kvtrim demo --method expected-attention --ratio 0.5
 
-test: setup
+# The HTML report's test opens the page in a real headless browser: Chromium and its driver (Debian's).
+browser:
+	@command -v chromedriver >/dev/null 2>&1 || { \
+		echo "Installing Chromium and chromedriver (apt-get) for the HTML report's browser test"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends chromium chromium-driver; }
+
+test: setup browser
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q

@@ -57,26 +57,22 @@ def _series_style(series: str, all_series: Sequence[str]) -> dict[str, Any]:
     return {"color": color, "linestyle": _BUDGET_LINES.get(budget, "-.") if budget else "-"}
 
 
-def plot_accuracy(rows: Sequence[Row], out_dir: str | Path) -> list[Path]:
-    """``accuracy_vs_ratio.png`` (average per series) and ``accuracy_vs_ratio_<series>.png`` (one line
-    per task, plus the average); a series is a method, or ``method+budget`` for other budgets."""
+def accuracy_figures(rows: Sequence[Row]) -> list[tuple[str, Figure]]:
+    """``(name, figure)``: ``accuracy_vs_ratio`` (average per series) and ``accuracy_vs_ratio_<series>``
+    (one line per task, plus the average); a series is a method, or ``method+budget``."""
     acc = _accuracy_rows(rows)
     if not acc:
         return []
-    out = Path(out_dir)
-    methods = [m for m, _ in ordered_cells(acc) if m != "none"]
-    methods = list(dict.fromkeys(methods))
+    methods = list(dict.fromkeys(m for m, _ in ordered_cells(acc) if m != "none"))
     avg = average_by_cell(acc)
     means = mean_scores(acc)
-    paths = []
     fig = _figure()
     ax = fig.subplots()
     for method in methods or ["none"]:
         xs, ys = _method_curve(avg, method)
         ax.plot(xs, ys, marker="o", label=method, **_series_style(method, methods))
     _style_accuracy(ax, "Average score vs compression ratio")
-    paths.append(out / "accuracy_vs_ratio.png")
-    fig.savefig(paths[-1])
+    figures = [("accuracy_vs_ratio", fig)]
     for method in methods:
         fig = _figure()
         ax = fig.subplots()
@@ -88,9 +84,36 @@ def plot_accuracy(rows: Sequence[Row], out_dir: str | Path) -> list[Path]:
         xs, ys = _method_curve(avg, method)
         ax.plot(xs, ys, color="black", linewidth=2.5, marker="o", label="average")
         _style_accuracy(ax, f"{method}: score vs compression ratio")
-        paths.append(out / f"accuracy_vs_ratio_{_slug(method)}.png")
+        figures.append((f"accuracy_vs_ratio_{_slug(method)}", fig))
+    return figures
+
+
+def plot_accuracy(rows: Sequence[Row], out_dir: str | Path) -> list[Path]:
+    """The figures of :func:`accuracy_figures` as PNG files in ``out_dir``."""
+    paths = []
+    for name, fig in accuracy_figures(rows):
+        paths.append(Path(out_dir) / f"{name}.png")
         fig.savefig(paths[-1])
     return paths
+
+
+def accuracy_vs_kept_figure(points: dict[str, list[tuple[float, float]]]) -> Figure | None:
+    """Average score against the share of the KV cache kept, one line per series."""
+    if not points:
+        return None
+    fig = _figure()
+    ax = fig.subplots()
+    series = list(points)
+    for name, pts in points.items():
+        xs, ys = zip(*sorted(pts), strict=True)
+        ax.plot(xs, ys, marker="o", label=name, **_series_style(name, series))
+    ax.set_xlabel("KV cache kept (% of the uncompressed bytes)")
+    ax.set_ylabel("score (0–100)")
+    ax.set_ylim(-3, 103)
+    ax.set_title("Average score vs memory kept")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", ncols=2)
+    return fig
 
 
 def _style_accuracy(ax: Any, title: str) -> None:
@@ -148,6 +171,15 @@ def _needle_points(rows: Sequence[Row]) -> tuple[str, list[tuple[Column, int, fl
 
 
 def plot_needle_grid(rows: Sequence[Row], path: str | Path) -> Path | None:
+    """:func:`needle_figure` as a PNG file, if there are needle rows."""
+    fig = needle_figure(rows)
+    if fig is None:
+        return None
+    fig.savefig(path)
+    return Path(path)
+
+
+def needle_figure(rows: Sequence[Row]) -> Figure | None:
     """Heat map of the needle found (mean score) by depth: cells × depth for one length, or one panel
     per cell (length × depth) when the grid has several lengths."""
     source, points = _needle_points(rows)
@@ -197,5 +229,4 @@ def plot_needle_grid(rows: Sequence[Row], path: str | Path) -> Path | None:
     fig.suptitle(f"Needle found (%) by depth — {source}, length {', '.join(map(str, lengths))}")
     if image is not None:
         fig.colorbar(image, ax=axes, shrink=0.8, label="score")
-    fig.savefig(path)
-    return Path(path)
+    return fig
