@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from kvtrim.attention.interface import enable
-from kvtrim.cache.layers import head_pairs
+from kvtrim.cache.layers import head_pairs, is_sliding
 from kvtrim.cache.masked import HeadMaskedLayer
 from kvtrim.generation import decode, stop_token_ids
 from kvtrim.sessions.answer import Answer
@@ -27,13 +27,24 @@ from kvtrim.strategies.planner import check_cell_batch
 
 
 def stack_caches(sessions: Sequence[Session], room: int) -> Any:
-    """One cache whose row b holds session b's kept pairs (see the module docstring)."""
+    """One cache whose row b holds session b's kept pairs (see the module docstring). Sliding-window
+    layers, never compressed and so the same in every session, are repeated once per row."""
     cache = copy.copy(sessions[0].cache)
     cache.layers = [
-        HeadMaskedLayer.stack([head_pairs(s.cache.layers[idx]) for s in sessions], room)
-        for idx in range(len(sessions[0].cache.layers))
+        _repeated(layer, len(sessions))
+        if is_sliding(layer)
+        else HeadMaskedLayer.stack([head_pairs(s.cache.layers[idx]) for s in sessions], room)
+        for idx, layer in enumerate(sessions[0].cache.layers)
     ]
     return cache
+
+
+def _repeated(layer: Any, rows: int) -> Any:
+    """A copy of a one-row transformers layer with ``rows`` identical rows (B, Hkv, W, D)."""
+    clone = copy.copy(layer)
+    clone.keys = layer.keys.expand(rows, *layer.keys.shape[1:]).contiguous()
+    clone.values = layer.values.expand(rows, *layer.values.shape[1:]).contiguous()
+    return clone
 
 
 @torch.inference_mode()

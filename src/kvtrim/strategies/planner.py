@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from kvtrim.budgets import BUDGETS, Budget, make_budget
@@ -183,15 +184,17 @@ def check_cell_batch(sessions: Sequence[Session]) -> None:
             raise KVTrimError("A session evicting while decoding cannot be batched.")
         if len(session.cache.layers) != len(first.cache.layers):
             raise KVTrimError("A cell batch needs sessions with as many cache layers.")
-        for layer in session.cache.layers:
-            _check_stackable_layer(layer)
+        for layer, first_layer in zip(session.cache.layers, first.cache.layers, strict=True):
+            _check_stackable_layer(layer, first_layer)
 
 
-def _check_stackable_layer(layer: Any) -> None:
+def _check_stackable_layer(layer: Any, first: Any) -> None:
     if has_pruned_channels(layer):
         raise KVTrimError("A cell batch cannot hold keys with pruned channels (ThinK).")
-    if is_sliding(layer):
-        raise KVTrimError("A cell batch cannot hold sliding-window layers.")
+    if is_sliding(layer) and not (
+        is_sliding(first) and torch.equal(layer.keys, first.keys) and torch.equal(layer.values, first.values)
+    ):
+        raise KVTrimError("A cell batch holds sliding-window layers only when every session has the same.")
     if layer_batch_size(layer) != 1:
         raise KVTrimError("A cell batch stacks single-context sessions (batch size 1).")
 
