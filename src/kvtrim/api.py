@@ -15,7 +15,7 @@ from torch import nn
 
 from kvtrim.budgets import Budget
 from kvtrim.core.errors import KVTrimError
-from kvtrim.core.spec import DEFAULT_METHOD, DEFAULT_RATIO, CompressionSpec
+from kvtrim.core.spec import DEFAULT_RATIO, CompressionSpec
 from kvtrim.engine.compressor import Compressor
 from kvtrim.models.prompting import PromptLayout
 from kvtrim.scorers import Scorer
@@ -24,9 +24,9 @@ from kvtrim.strategies.planner import plan, plan_generate
 
 #: the compression keywords of :func:`compress` and their defaults (what ``spec=`` replaces)
 _AXES_DEFAULTS: dict[str, Any] = {
-    "method": DEFAULT_METHOD,
+    "method": None,
     "ratio": DEFAULT_RATIO,
-    "budget": "uniform",
+    "budget": None,
     "budget_options": None,
     "chunk_size": None,
     "decode_budget": None,
@@ -53,6 +53,12 @@ def resolve_spec(
         return (CompressionSpec.parse(spec) if isinstance(spec, str) else spec), None, None
     if scorer is not None and options:
         raise KVTrimError("Options cannot be given together with a ready Scorer instance.")
+    if method is None:  # the default compression: its method, options and budget
+        default = CompressionSpec.default()
+        method, options = default.method, {**dict(default.method_options), **options}
+        if budget is None and axes.get("budget_options") is None:
+            budget, axes["budget_options"] = default.budget, dict(default.budget_options)
+    budget = "uniform" if budget is None else budget
     built = CompressionSpec.of(
         scorer.name if scorer is not None else method,
         budget=policy.name if policy is not None else budget,
@@ -67,7 +73,7 @@ def compress(
     model: nn.Module,
     tokenizer: Any,
     context: str | PromptLayout,
-    method: str | Scorer = ...,
+    method: str | Scorer | None = ...,
     ratio: float = ...,
     **kwargs: Any,
 ) -> Session: ...
@@ -78,7 +84,7 @@ def compress(
     model: nn.Module,
     tokenizer: Any,
     context: Sequence[str],
-    method: str | Scorer = ...,
+    method: str | Scorer | None = ...,
     ratio: float = ...,
     **kwargs: Any,
 ) -> BatchSession: ...
@@ -88,13 +94,13 @@ def compress(
     model: nn.Module,
     tokenizer: Any,
     context: str | PromptLayout | Sequence[str],
-    method: str | Scorer = DEFAULT_METHOD,
+    method: str | Scorer | None = None,
     ratio: float = DEFAULT_RATIO,
     *,
     spec: CompressionSpec | str | None = None,
     use_chat_template: bool | None = None,
     seed: int = 0,
-    budget: str | Budget = "uniform",
+    budget: str | Budget | None = None,
     budget_options: dict[str, Any] | None = None,
     chunk_size: int | None = None,
     decode_budget: int | None = None,
@@ -107,8 +113,9 @@ def compress(
 
     ``spec`` gives every axis at once (a :class:`~kvtrim.CompressionSpec` or its string,
     ``"knorm@0.5+adaptive"``); otherwise the keywords do: ``method`` (a name, options may ride on
-    it, or a ready scorer) and its ``options``, ``ratio`` (fraction evicted, in [0, 1)), ``budget``
-    and ``budget_options``, ``chunk_size`` (compress after every chunk of the prefill),
+    it, or a ready scorer; none given: the default compression's method, options and budget,
+    :data:`kvtrim.core.spec.DEFAULT_SPEC`) and its ``options``, ``ratio`` (fraction evicted, in
+    [0, 1)), ``budget`` and ``budget_options``, ``chunk_size`` (compress after every chunk of the prefill),
     ``decode_budget`` / ``evict_every`` (keep evicting while answering), ``key_channels`` (ThinK).
     A list of contexts gives a :class:`~kvtrim.BatchSession`, each context keeping what it would
     keep alone. ``question=q`` compresses the question with the context (query-aware): the session
@@ -156,13 +163,13 @@ def compress(
 @contextmanager
 def compressing(
     model: nn.Module,
-    method: str | Scorer = DEFAULT_METHOD,
+    method: str | Scorer | None = None,
     ratio: float = DEFAULT_RATIO,
     *,
     spec: CompressionSpec | str | None = None,
     tokenizer: Any = None,
     seed: int = 0,
-    budget: str | Budget = "uniform",
+    budget: str | Budget | None = None,
     decode_budget: int | None = None,
     evict_every: int = 16,
     key_channels: float = 0.0,

@@ -14,7 +14,7 @@ from pathlib import Path
 from kvtrim.core.errors import KVTrimError
 from kvtrim.core.files import read_text
 from kvtrim.core.ratios import check_channel_ratio, check_ratio
-from kvtrim.core.spec import CompressionSpec, parse_named
+from kvtrim.core.spec import DEFAULT_SPEC, CompressionSpec, parse_named
 
 EXIT_USAGE = 2
 MODEL_HELP = "smollm2-135m (default), gemma3-270m, a hub id, a local directory or a .gguf"
@@ -77,7 +77,7 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--method",
         default=None,
-        help="compression method, options as name:key=value (default expected-attention; "
+        help=f"compression method, options as name:key=value (default: {DEFAULT_SPEC}'s; "
         "see `kvtrim methods`)",
     )
     parser.add_argument(
@@ -98,7 +98,8 @@ def add_compression_arguments(parser: argparse.ArgumentParser) -> None:
         "--budget",
         default=None,
         help="how many pairs each layer and head keeps: uniform, tokens, pyramid, adaptive, threshold, duo, "
-        "options as name:key=value (default uniform; see `kvtrim methods`)",
+        "options as name:key=value (default uniform, or the default compression's with no --method; "
+        "see `kvtrim methods`)",
     )
     parser.add_argument(
         "--budget-tokens",
@@ -163,8 +164,19 @@ def spec_from_args(args: argparse.Namespace) -> CompressionSpec:
         "evict_every": args.evict_every or 16,
         "key_channels": args.key_channels or 0.0,
     }
-    method = args.method or "expected-attention"
-    return CompressionSpec.of(method, 0.5 if args.ratio is None else args.ratio, budget, options, **axes)
+    if args.method is None:  # the default compression, with the axes the flags give
+        default = CompressionSpec.default(args.ratio)
+        if args.budget is None and not options:
+            budget, options = default.budget, dict(default.budget_options)
+        return CompressionSpec.of(
+            default.method,
+            default.ratio,
+            budget,
+            options,
+            method_options=dict(default.method_options),
+            **axes,
+        )
+    return CompressionSpec.of(args.method, 0.5 if args.ratio is None else args.ratio, budget, options, **axes)
 
 
 def _budget(args: argparse.Namespace) -> tuple[str, dict]:

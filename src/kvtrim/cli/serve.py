@@ -8,6 +8,7 @@ import re
 
 from kvtrim.cli.common import MODEL_HELP, positive
 from kvtrim.core.errors import KVTrimError
+from kvtrim.core.spec import DEFAULT_SPEC
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -32,8 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--spec",
         default=None,
-        help="default compression of every request "
-        "(default expected-attention@0.5); a request may give its own in kvtrim.spec",
+        help=f"the compression of every request (default {DEFAULT_SPEC}); a request may give its "
+        "own in kvtrim.spec",
     )
     serve.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
@@ -107,7 +108,6 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from kvtrim.core.files import cache_dir
-    from kvtrim.core.spec import DEFAULT_METHOD, DEFAULT_RATIO
     from kvtrim.models import load_model
     from kvtrim.serve.app import create_app
     from kvtrim.serve.contexts import Contexts
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         raise KVTrimError(f"--port must be in 1..65535, got {args.port}.")
     if args.timeout <= 0:
         raise KVTrimError(f"--timeout must be positive, got {args.timeout}.")
-    spec = check_spec(args.spec or f"{DEFAULT_METHOD}@{DEFAULT_RATIO}")
+    spec = check_spec(args.spec or DEFAULT_SPEC)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

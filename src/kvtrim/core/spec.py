@@ -31,7 +31,11 @@ from typing import Any, NamedTuple
 from kvtrim.core.errors import KVTrimError
 from kvtrim.core.ratios import check_channel_ratio, check_ratio
 
-DEFAULT_METHOD = "expected-attention"
+#: the compression used wherever none is named (``compress()``, ``compressing()``, ``kvtrim ask``,
+#: ``demo`` and ``serve``), chosen from the RULER sweeps of both named models: the cheapest
+#: configuration that held best on both at ratio 0.5 (docs/results.md, "The default compression")
+DEFAULT_SPEC = "expected-attention@0.5"
+DEFAULT_METHOD = DEFAULT_SPEC.split("@")[0].split(":")[0]  # a bare CompressionSpec()'s method
 DEFAULT_RATIO = 0.5
 DEFAULT_EVICT_EVERY = 16
 Options = tuple[tuple[str, Any], ...]
@@ -280,6 +284,12 @@ class CompressionSpec:
             budget_options={**from_label, **(budget_options or {})},
             **axes,
         )
+
+    @classmethod
+    def default(cls, ratio: float | None = None) -> CompressionSpec:
+        """:data:`DEFAULT_SPEC`, at ``ratio`` when given."""
+        spec = cls.parse(DEFAULT_SPEC)
+        return spec if ratio is None else spec.with_(ratio=ratio)
 
     # --- labels ---------------------------------------------------------------------------------
 
