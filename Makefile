@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: setup
-	$(BIN)/kvtrim demo --method expected-attention --ratio 0.5
+	$(BIN)/kvtrim demo
 
 # The HTML report's test opens the page in a real headless browser: Chromium and its driver (Debian's).
 browser:

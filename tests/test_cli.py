@@ -200,3 +200,15 @@ def test_ask_saves_a_session_and_answers_from_it_alike(tmp_path, tiny_dir):
     (saved / "cache.safetensors").write_bytes(b"not a tensor file")
     _assert_user_error(run("ask", "--load", str(saved), *common), "checksum")
     _assert_user_error(run("ask", "-q", "which?"), "--load DIR")
+
+
+def test_the_demo_shows_the_default_next_to_the_seed_methods_best_configurations():
+    from kvtrim.cli.demo import SEED_BEST, _showcase
+    from kvtrim.core.spec import CompressionSpec
+
+    default = CompressionSpec.default()
+    shown = _showcase(default, None)
+    assert shown[0] == default and len(shown) == len(set(shown))
+    assert {s.method for s in shown} >= {"knorm", "expected-attention", "qfilters"}
+    assert {str(s) for s in shown[1:]} <= set(SEED_BEST)
+    assert all(s.ratio == 0.75 for s in _showcase(CompressionSpec.default(0.75), 0.75))
