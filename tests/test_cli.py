@@ -212,3 +212,18 @@ def test_the_demo_shows_the_default_next_to_the_seed_methods_best_configurations
     assert {s.method for s in shown} >= {"knorm", "expected-attention", "qfilters"}
     assert {str(s) for s in shown[1:]} <= set(SEED_BEST)
     assert all(s.ratio == 0.75 for s in _showcase(CompressionSpec.default(0.75), 0.75))
+
+
+def test_methods_json_lists_every_method_and_budget_with_options():
+    from kvtrim.budgets import BUDGETS
+    from kvtrim.core.spec import DEFAULT_SPEC
+    from kvtrim.scorers import SCORERS
+
+    result = run("methods", "--json")
+    assert result.returncode == 0
+    listing = json.loads(result.stdout)
+    assert listing["default"] == DEFAULT_SPEC
+    assert [m["name"] for m in listing["methods"]] == list(SCORERS)
+    assert [b["name"] for b in listing["budgets"]] == list(BUDGETS)
+    ea = next(m for m in listing["methods"] if m["name"] == "expected-attention")
+    assert ea["options"]["epsilon"] == 0.0 and ea["paper"].startswith("arXiv")

@@ -3,16 +3,53 @@
 from __future__ import annotations
 
 import argparse
+import inspect
+import json
+from typing import Any
+
+from kvtrim.core.spec import DEFAULT_SPEC
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    sub.add_parser("methods", help="list the compression methods and budgets")
+    methods = sub.add_parser("methods", help="list the compression methods and budgets")
+    methods.add_argument(
+        "--json", action="store_true", help="one JSON object: every method and budget with its options"
+    )
+
+
+def _options(cls: type) -> dict[str, Any]:
+    """The options a method or budget takes (its constructor's keywords) and their defaults."""
+    found = {}
+    for name, parameter in inspect.signature(cls.__init__).parameters.items():
+        if name == "self" or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        default = parameter.default
+        plain = default is parameter.empty or isinstance(default, (int, float, str, bool, type(None)))
+        found[name] = None if default is parameter.empty else (default if plain else repr(default))
+    return found
+
+
+def _listing() -> dict[str, Any]:
+    from kvtrim.budgets import BUDGETS
+    from kvtrim.scorers import SCORERS
+
+    def entries(registry: dict[str, type]) -> list[dict[str, Any]]:
+        return [
+            {"name": name, "summary": cls.summary, "paper": cls.paper, "options": _options(cls)}
+            for name, cls in registry.items()
+        ]
+
+    return {"default": DEFAULT_SPEC, "methods": entries(SCORERS), "budgets": entries(BUDGETS)}
 
 
 def run(args: argparse.Namespace) -> int:
     from kvtrim.budgets import BUDGETS
     from kvtrim.scorers import SCORERS
 
+    if args.json:
+        print(json.dumps(_listing(), indent=1))
+        return 0
+    print(f"Default compression (no --method): {DEFAULT_SPEC}\n")
     width = max(len(name) for name in [*SCORERS, *BUDGETS])
     print("Methods (--method): what to keep")
     for name, cls in SCORERS.items():
