@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -295,3 +296,45 @@ def test_restart_reuses_the_store_and_a_damaged_entry_is_recomputed(
         )
     )
     assert status == 200 and not (store / "blobs" / context_id).exists()
+
+
+def test_a_client_that_disconnects_stops_its_generation(server, model_dir):
+    name = 'kvtrim_cancelled_requests_total{reason="disconnected"}'
+    before = _metric(server, name)
+    body = {
+        "model": model_dir,
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": 900,
+        "temperature": 0,
+        "stream": True,
+    }
+    request = urllib.request.Request(
+        server.url + "/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.readline().startswith(b"data: ")  # the stream began; now hang up
+    for _ in range(100):
+        if _metric(server, name) > before:
+            break
+        time.sleep(0.1)
+    assert _metric(server, name) == before + 1
+    tokens = _metric(server, "kvtrim_completion_tokens_total")
+    assert _metric(server, "kvtrim_completion_tokens_total") == tokens  # nothing is still generating
+
+
+def test_a_request_past_its_timeout_gets_504(model_dir, tmp_path):
+    slow = Server(model_dir, tmp_path / "store", "--timeout", "0.001").start()  # over before it starts
+    try:
+        body = {"model": model_dir, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 900}
+        status, answer = _post(slow, "/v1/chat/completions", body, key=None)
+        assert status == 504 and answer["error"]["code"] == "timeout"
+        assert _metric_open(slow, 'kvtrim_cancelled_requests_total{reason="timeout"}') == 1
+    finally:
+        slow.stop()
+
+
+def _metric_open(server, name: str) -> float:
+    text = urllib.request.urlopen(server.url + "/metrics", timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))

@@ -45,7 +45,9 @@ class ApiError(Exception):
 
 def create_app(service: Service, api_key: str | None = None, max_request_bytes: int = 8 << 20) -> Any:
     """The ASGI app serving ``service`` (wrapped in the body-size guard)."""
-    worker = ModelWorker(service.config.queue_size, service.config.max_batch, service.run_batch)
+    worker = ModelWorker(
+        service.config.queue_size, service.config.max_batch, service.run_batch, service.count_cancelled
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -43,6 +43,9 @@ class Metrics:
             "Requests decoded in a batch with others on the same context",
             registry=r,
         )
+        self.cancelled = Counter(
+            "kvtrim_cancelled_requests", "Generations stopped early", ["reason"], registry=r
+        )
         self.rejected = Counter("kvtrim_rejected", "Requests refused before running", ["reason"], registry=r)
         self.quarantined = Gauge(
             "kvtrim_store_quarantined", "Stored entries that failed verification (whole store)", registry=r

@@ -248,6 +248,7 @@ class Service:
     ) -> None:
         """A request's last events: the held-back text and its usage, or its cancellation."""
         if job.cancelled():
+            self.count_cancelled(job)
             job.emit(("cancelled", None))
             return
         tail = stream.finish()
@@ -255,6 +256,9 @@ class Service:
             job.emit(("text", tail))
         limit_hit = produced >= prepared.sampling.max_new_tokens and not stream.stopped
         job.emit(("usage", self._usage(prepared, obtained, produced, "length" if limit_hit else "stop")))
+
+    def count_cancelled(self, job: Job) -> None:
+        self.metrics.cancelled.labels("timeout" if job.timed_out() else "disconnected").inc()
 
     def _context(self, prepared: Prepared) -> Obtained | None:
         if prepared.context_id is not None:

@@ -48,7 +48,10 @@ class Job:
         self._cancel.set()
 
     def cancelled(self) -> bool:
-        return self._cancel.is_set() or time.monotonic() > self.deadline
+        return self._cancel.is_set() or self.timed_out()
+
+    def timed_out(self) -> bool:
+        return time.monotonic() > self.deadline
 
     def emit(self, event: tuple[str, Any]) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -62,8 +65,10 @@ class ModelWorker:
         queue_size: int,
         max_batch: int = 1,
         run_batch: Callable[[Sequence[Job]], None] | None = None,
+        on_cancelled: Callable[[Job], None] | None = None,
     ):
         self.queue_size, self.max_batch, self.run_batch = queue_size, max_batch, run_batch
+        self.on_cancelled = on_cancelled  # told of each job cancelled before it ran
         self._waiting: deque[Job] = deque()
         self._ready = threading.Condition()
         self._stopping = False
@@ -107,6 +112,8 @@ class ModelWorker:
             live = []
             for job in jobs:
                 if job.cancelled():
+                    if self.on_cancelled is not None:
+                        self.on_cancelled(job)
                     job.emit(("cancelled", None))
                 else:
                     live.append(job)
