@@ -83,32 +83,12 @@ def create_app(service: Service, api_key: str | None = None, max_request_bytes: 
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/chat/completions", dependencies=guard)
-    async def chat(body: ChatRequest, request: Request) -> Response:
-        _check_model(service, body.model)
-        prepared = _prepared(lambda: service.prepare_chat(body))
-        return await _answer(
-            service,
-            worker,
-            prepared,
-            body.model,
-            chat=True,
-            stream=body.stream,
-            include_usage=bool(body.stream_options and body.stream_options.include_usage),
-        )
+    async def chat(body: ChatRequest) -> Response:
+        return await _generation(service, worker, body, service.prepare_chat, chat=True)
 
     @app.post("/v1/completions", dependencies=guard)
-    async def completions(body: CompletionRequest, request: Request) -> Response:
-        _check_model(service, body.model)
-        prepared = _prepared(lambda: service.prepare_completion(body))
-        return await _answer(
-            service,
-            worker,
-            prepared,
-            body.model,
-            chat=False,
-            stream=body.stream,
-            include_usage=bool(body.stream_options and body.stream_options.include_usage),
-        )
+    async def completions(body: CompletionRequest) -> Response:
+        return await _generation(service, worker, body, service.prepare_completion, chat=False)
 
     @app.post("/v1/contexts", dependencies=guard)
     async def make_context(body: ContextRequest) -> dict[str, Any]:
@@ -258,6 +238,18 @@ def _api_error(err: Exception) -> ApiError:
     if isinstance(err, KVTrimError):
         return ApiError(400, str(err))
     return ApiError(500, f"Internal error: {type(err).__name__}: {err}")
+
+
+async def _generation(
+    service: Service, worker: ModelWorker, body: Any, prepare: Any, *, chat: bool
+) -> Response:
+    """Check a chat or text completion request, queue it, and answer it (streamed or whole)."""
+    _check_model(service, body.model)
+    prepared = _prepared(lambda: prepare(body))
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return await _answer(
+        service, worker, prepared, body.model, chat=chat, stream=body.stream, include_usage=include_usage
+    )
 
 
 async def _answer(
