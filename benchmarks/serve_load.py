@@ -2,14 +2,15 @@
 
 - time to first token for a document the store holds (from memory, and from disk after a
   restart) against a new document that must be prefilled and compressed;
-- requests/s and p50 / p95 latency with 1, 4 and 8 concurrent clients (one model worker: requests
-  run one after another; they are not batched together);
+- requests/s and p50 / p95 latency with 1, 4 and 8 concurrent clients on stored documents, with
+  the server's batching (requests waiting on one context decoded together, ``--max-batch 8``) and
+  without it (``--max-batch 1``: one request after another);
 - KV bytes held in memory against ``--memory-budget`` after more documents than fit;
 - the store's write and read speed (MB/s of the session folder, checksums included).
 
 Not a test. Run it alone (``OMP_NUM_THREADS`` as the server's threads):
 
-    python benchmarks/serve_load.py [--model smollm2-135m] [--tokens 2048] [--spec expected-attention@0.5]
+    python benchmarks/serve_load.py [--model smollm2-135m] [--tokens 2048] [--spec lagkv@0.5]
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import openai
 
+from kvtrim.core.spec import DEFAULT_SPEC
 from kvtrim.serve.process import Server
 
 
@@ -97,7 +99,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--spec", default="expected-attention@0.5")
+    parser.add_argument("--spec", default=DEFAULT_SPEC)
     parser.add_argument("--tokens", type=int, default=2048, help="document length (approximate)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=16)
@@ -124,7 +126,14 @@ def main() -> None:
         ]
         figures["load"] = levels
         server.stop()
-        server.start(timeout_s=600)
+        server = Server(args.model, store, *base, "--max-batch", "1", threads=args.threads).start(600)
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=600)
+        figures["load_unbatched"] = [
+            load_level(client, args.model, docs[:3], c, args.requests, args.max_tokens) for c in (1, 4, 8)
+        ]
+        server.stop()
+        server = Server(args.model, store, *base, threads=args.threads).start(timeout_s=600)
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=600)
         disk = [ask(client, args.model, d, "Where was it written?", args.max_tokens) for d in docs[:3]]
         assert all(r[2]["kvtrim"]["source"] == "store" for r in disk)
         figures["ttft_store_s"] = statistics.median(r[0] for r in disk)
@@ -176,12 +185,13 @@ def print_table(f: dict) -> None:
         ("stored, from disk after a restart", "ttft_store_s"),
     ):
         print(f"| {label} | {f[key]:.3f} | {f['ttft_new_s'] / f[key]:.1f}x |")
-    print("\n| clients | requests | requests/s | p50 s | p95 s |\n|---:|---:|---:|---:|---:|")
-    for level in f["load"]:
-        print(
-            f"| {level['clients']} | {level['requests']} | {level['requests_per_s']:.2f} | "
-            f"{level['p50_s']:.3f} | {level['p95_s']:.3f} |"
-        )
+    print("\n| clients | batching | requests | requests/s | p50 s | p95 s |\n|---:|---|---:|---:|---:|---:|")
+    for label, key in (("--max-batch 8", "load"), ("--max-batch 1", "load_unbatched")):
+        for level in f[key]:
+            print(
+                f"| {level['clients']} | {label} | {level['requests']} | {level['requests_per_s']:.2f} | "
+                f"{level['p50_s']:.3f} | {level['p95_s']:.3f} |"
+            )
     print(
         f"\nKV bytes held {f['kv_bytes_held'] / 2**20:.1f} MiB "
         f"with --memory-budget {f['memory_budget'] / 2**20:.1f} MiB"

@@ -32,11 +32,16 @@ def _assert_user_error(result: subprocess.CompletedProcess, fragment: str) -> No
 
 def test_methods_lists_every_method():
     from kvtrim.scorers import METHODS
+    from kvtrim.scorers.unavailable import UNAVAILABLE
 
     result = run("methods")
     assert result.returncode == 0
     for name, cls in METHODS.items():
         assert name in result.stdout and cls.paper in result.stdout
+    assert "Not available" in result.stdout and "--evicted" in result.stdout
+    for entry in UNAVAILABLE:
+        assert entry.name in result.stdout and entry.why in result.stdout
+        assert entry.name not in METHODS
 
 
 def test_unknown_method(tmp_path):
@@ -227,3 +232,5 @@ def test_methods_json_lists_every_method_and_budget_with_options():
     assert [b["name"] for b in listing["budgets"]] == list(BUDGETS)
     ea = next(m for m in listing["methods"] if m["name"] == "expected-attention")
     assert ea["options"]["epsilon"] == 0.0 and ea["paper"].startswith("arXiv")
+    assert listing["evicted"] == ["drop", "merge"]
+    assert {u["name"] for u in listing["unavailable"]} == {"restorekv", "dms"}

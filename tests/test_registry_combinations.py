@@ -1,5 +1,6 @@
-"""Every registered scorer × budget × schedule: the spec round-trips, the planner accepts or refuses
-it with one clear error, and every accepted combination compresses a tiny model and answers."""
+"""Every registered scorer × budget × schedule (evicted pairs dropped or merged): the spec
+round-trips, the planner accepts or refuses it with one clear error, and every accepted
+combination compresses a tiny model and answers."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ BUDGET_OPTIONS = {
     "tokens": {"tokens": 40},
     "threshold": {"threshold": 0.0},
     "duo": {"sinks": 4, "window": 16},
+    "layers": {"ratios": [0.25, 0.75]},
 }
 #: the schedule axes (and the other one-value axes) as spec fields; "batch" compresses a list of contexts
 SCHEDULES = {
@@ -31,6 +33,9 @@ SCHEDULES = {
     "key-channels": {"key_channels": 0.5},
     "query-aware": {"query_aware": True},
     "batch": {},
+    "merge": {"evicted": "merge"},
+    "merge-decoding": {"evicted": "merge", "decode_budget": 48, "evict_every": 8},
+    "rerotate": {"rerotate": True},
 }
 COMBINATIONS = [(s, b, sched) for s in SCORERS for b in BUDGETS for sched in SCHEDULES]
 QUESTION = "Which word comes first?"
@@ -66,9 +71,13 @@ def expected_refusal(scorer: str, budget: str, schedule: str) -> str | None:
         return "Chunked prefill works with"
     if schedule == "key-channels" and cls.needs_reconstruction:
         return "key_channels (ThinK)"
-    if schedule == "decoding" and not (cls.chunkable and cls.evicts):
+    if schedule.endswith("decoding") and not (cls.chunkable and cls.evicts):
         return "cannot evict while decoding"
-    if schedule == "decoding" and not policy.heads_alike:
+    if schedule == "rerotate" and cls.needs_reconstruction:
+        return "Key re-rotation (rerotate) applies to a one-shot compression"
+    if schedule == "rerotate" and not dense:
+        return "Key re-rotation needs every layer and head to keep as many pairs"
+    if schedule.endswith("decoding") and not policy.heads_alike:
         return "Decoding eviction works with"
     return None
 
@@ -120,7 +129,7 @@ def test_every_combination_runs_or_is_refused_clearly(scorer, budget, schedule, 
 def test_the_rules_refuse_something_on_every_axis():
     """The grid above reaches every rule: each kind of refusal happens at least once."""
     reasons = {expected_refusal(*combo) for combo in COMBINATIONS} - {None}
-    assert len(reasons) == 9
+    assert len(reasons) == 11
 
 
 def test_generate_refuses_what_it_cannot_do(llama):

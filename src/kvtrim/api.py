@@ -32,6 +32,8 @@ _AXES_DEFAULTS: dict[str, Any] = {
     "decode_budget": None,
     "evict_every": 16,
     "key_channels": 0.0,
+    "evicted": "drop",
+    "rerotate": False,
 }
 
 
@@ -107,6 +109,8 @@ def compress(
     evict_every: int = 16,
     question: str | None = None,
     key_channels: float = 0.0,
+    evicted: str = "drop",
+    rerotate: bool = False,
     **options: Any,
 ) -> Session | BatchSession:
     """Prefill ``context`` once, compressing each layer as it goes, and return a :class:`Session`.
@@ -116,7 +120,9 @@ def compress(
     it, or a ready scorer; none given: the default compression's method, options and budget,
     :data:`kvtrim.core.spec.DEFAULT_SPEC`) and its ``options``, ``ratio`` (fraction evicted, in
     [0, 1)), ``budget`` and ``budget_options``, ``chunk_size`` (compress after every chunk of the prefill),
-    ``decode_budget`` / ``evict_every`` (keep evicting while answering), ``key_channels`` (ThinK).
+    ``decode_budget`` / ``evict_every`` (keep evicting while answering), ``key_channels`` (ThinK),
+    ``evicted`` (``"drop"``, or ``"merge"`` the evicted values into their kept neighbours),
+    ``rerotate`` (move the kept keys to positions 0..K−1; the question continues at K).
     A list of contexts gives a :class:`~kvtrim.BatchSession`, each context keeping what it would
     keep alone. ``question=q`` compresses the question with the context (query-aware): the session
     answers that question only. A :class:`~kvtrim.models.prompting.PromptLayout` in place of the
@@ -135,6 +141,8 @@ def compress(
         decode_budget=decode_budget,
         evict_every=evict_every,
         key_channels=key_channels,
+        evicted=evicted,
+        rerotate=rerotate,
     )
     if question is not None:
         resolved = resolved.with_(query_aware=True)
@@ -173,6 +181,7 @@ def compressing(
     decode_budget: int | None = None,
     evict_every: int = 16,
     key_channels: float = 0.0,
+    evicted: str = "drop",
     **options: Any,
 ) -> Iterator[Compressor]:
     """Compress the prefill of every ``model.generate`` / forward call made inside the block.
@@ -186,7 +195,8 @@ def compressing(
     stay true because ``generate`` derives them from the attention mask, not from the cache length.
     Hooks are removed when the block exits, even on an exception. ``decode_budget=N`` also keeps
     every layer at most N pairs per head while generating, evicting every ``evict_every`` tokens.
-    ``key_channels`` prunes that fraction of every layer's key channels as well (ThinK).
+    ``key_channels`` prunes that fraction of every layer's key channels as well (ThinK);
+    ``evicted="merge"`` folds evicted values into the kept ones.
     """
     resolved, scorer, policy = resolve_spec(
         spec,
@@ -197,6 +207,7 @@ def compressing(
         decode_budget=decode_budget,
         evict_every=evict_every,
         key_channels=key_channels,
+        evicted=evicted,
     )
     generate_plan = plan_generate(resolved, scorer=scorer, budget=policy)
     compressor = Compressor(model, generate_plan.schedule(), seed=seed)

@@ -32,7 +32,7 @@ def continuation_nll(session: Session, continuation_ids: list[int]) -> tuple[flo
     if len(continuation_ids) < 2:
         raise KVTrimError("The continuation needs at least 2 tokens.")
     ids = torch.tensor([continuation_ids])  # (1, n)
-    start = session.context_length
+    start = session.first_position
     positions = torch.arange(start, start + ids.shape[1])[None]  # (1, n)
     snapshot = CacheSnapshot.take(session.cache)
     try:

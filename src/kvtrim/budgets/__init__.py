@@ -4,18 +4,22 @@
 from kvtrim.budgets.adaptive import AdaptiveBudget
 from kvtrim.budgets.base import Budget
 from kvtrim.budgets.duo import DuoBudget
+from kvtrim.budgets.layers import LayerRatiosBudget
 from kvtrim.budgets.pyramid import PyramidBudget
 from kvtrim.budgets.registry import BUDGETS, make_budget, register
 from kvtrim.budgets.threshold import ThresholdBudget
 from kvtrim.budgets.uniform import TokenBudget, UniformBudget
 
-register(UniformBudget, TokenBudget, PyramidBudget, AdaptiveBudget, ThresholdBudget, DuoBudget)
+register(
+    UniformBudget, TokenBudget, PyramidBudget, LayerRatiosBudget, AdaptiveBudget, ThresholdBudget, DuoBudget
+)
 
 __all__ = [
     "BUDGETS",
     "AdaptiveBudget",
     "Budget",
     "DuoBudget",
+    "LayerRatiosBudget",
     "PyramidBudget",
     "ThresholdBudget",
     "TokenBudget",

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from kvtrim.cache.merge import merge_evicted
 from kvtrim.cache.ragged import RaggedLayer
 
 
@@ -40,16 +41,19 @@ def left_padded_index(kept: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]
     return index, [width - k.shape[-1] for k in kept]
 
 
-def keep_selected(layer: Any, chosen: torch.Tensor) -> KeptLayer:
+def keep_selected(layer: Any, chosen: torch.Tensor, merge: bool = False) -> KeptLayer:
     """Shrink ``layer`` to the pairs a budget chose.
 
     ``chosen`` is what :meth:`Budget.select` returns: (B, Hkv, K) sorted indices, or a (B, Hkv, T)
     boolean keep mask. A mask whose heads all keep the same count becomes indices, and ``layer``
     gets smaller tensors in place; uneven heads become a new :class:`RaggedLayer`, each head owning
     only its own pairs. The shared prefill calls this too (on a copy of each full layer), which is
-    what keeps its cells bit-identical to compressing alone.
+    what keeps its cells bit-identical to compressing alone. ``merge`` folds the evicted values
+    into their kept neighbours first (:mod:`kvtrim.cache.merge`).
     """
     keys, values = layer.keys, layer.values  # (B, Hkv, T, D)
+    if merge:
+        values = merge_evicted(keys, values, keep_mask(chosen, keys.shape[-2]))  # (B, Hkv, T, D)
     if chosen.dtype == torch.bool:  # (B, Hkv, T) keep mask
         counts = chosen.sum(dim=-1)  # (B, Hkv)
         if not bool((counts == counts.flatten()[0]).all()):
@@ -59,3 +63,11 @@ def keep_selected(layer: Any, chosen: torch.Tensor) -> KeptLayer:
     layer.keys = gather_positions(keys, chosen)
     layer.values = gather_positions(values, chosen)
     return KeptLayer(layer, chosen, chosen.shape[-1])
+
+
+def keep_mask(chosen: torch.Tensor, seq: int) -> torch.Tensor:
+    """A budget's choice as a (B, Hkv, T) boolean mask: ``chosen`` is one already, or (B, Hkv, K) indices."""
+    if chosen.dtype == torch.bool:
+        return chosen
+    mask = torch.zeros(*chosen.shape[:2], seq, dtype=torch.bool, device=chosen.device)  # (B, Hkv, T)
+    return mask.scatter_(2, chosen, True)

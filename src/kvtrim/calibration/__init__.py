@@ -1,5 +1,5 @@
 """Per-model statistics computed locally from text and cached on disk (never downloaded):
-Q-Filters, query statistics, DuoAttention's head split."""
+Q-Filters, query statistics, DuoAttention's head split, KVzap's score predictor."""
 
 from kvtrim.calibration.artefacts import (
     DUO_VERSION,
@@ -16,9 +16,11 @@ from kvtrim.calibration.corpus import bundled_texts, calibration_sequences
 from kvtrim.calibration.duo_heads import compute_duo_heads, passkey_prompt
 from kvtrim.calibration.qfilters import compute_qfilters, dominant_direction, orient_filter
 from kvtrim.calibration.query_stats import compute_query_stats
+from kvtrim.calibration.surrogates import KVZAP_VERSION, fit_kvzap, kvzap_path, load_or_fit_kvzap
 
 __all__ = [
     "DUO_VERSION",
+    "KVZAP_VERSION",
     "QFILTERS_VERSION",
     "QUERY_STATS_VERSION",
     "bundled_texts",
@@ -28,9 +30,12 @@ __all__ = [
     "compute_query_stats",
     "dominant_direction",
     "duo_heads_path",
+    "fit_kvzap",
+    "kvzap_path",
     "load_or_compute_duo_heads",
     "load_or_compute_qfilters",
     "load_or_compute_query_stats",
+    "load_or_fit_kvzap",
     "orient_filter",
     "passkey_prompt",
     "qfilters_path",

@@ -30,3 +30,18 @@ def calibration_sequences(
     seq_len = min(seq_len, len(ids), int(getattr(text_config(model), "max_position_embeddings", seq_len)))
     starts = list(range(0, len(ids) - seq_len + 1, seq_len))[:n_sequences]
     return [ids[start : start + seq_len] for start in starts]
+
+
+def calibration_windows(tokenizer: Any, texts: list[str], n_sequences: int, seq_len: int) -> list[str]:
+    """Like :func:`calibration_sequences`, as text: each window the exact slice of its source text
+    that its tokens cover (from the tokenizer's offsets), so that encoding it again gives about
+    the same tokens (decoding ids may not: some tokenizers join tokens with spaces)."""
+    windows: list[str] = []
+    for text in texts:
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = encoded["offset_mapping"]
+        for start in range(0, len(offsets) - seq_len + 1, seq_len):
+            windows.append(text[offsets[start][0] : offsets[start + seq_len - 1][1]])
+    if not windows:
+        raise KVTrimError(f"Calibration text is too short (need at least {seq_len} tokens in one text).")
+    return windows[:n_sequences]

@@ -7,7 +7,7 @@ import argparse
 from kvtrim.cli.common import MODEL_HELP, positive
 from kvtrim.core.files import read_text
 
-CALIBRATIONS = ("qfilters", "query-stats", "duo-heads", "all")
+CALIBRATIONS = ("qfilters", "query-stats", "duo-heads", "kvzap", "all")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,7 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=None,
         help="what to calibrate (repeatable; default: qfilters): "
-        "qfilters, query-stats (expected-attention-calibrated), duo-heads (--budget duo) or all",
+        "qfilters, query-stats (expected-attention-calibrated), duo-heads (--budget duo), "
+        "kvzap (KVzap's predictor of KVzip scores) or all",
     )
 
 
@@ -54,4 +55,19 @@ def run(args: argparse.Namespace) -> int:
             model, tokenizer, texts=texts, refresh=True, seq_len=args.length
         )
         print(f"Duo head split {tuple(heads.shape)} saved to {calibration.duo_heads_path(model)}")
+    if "kvzap" in wanted:
+        fitted = calibration.load_or_fit_kvzap(model, tokenizer, **sizes)
+        print(f"KVzap weights {tuple(fitted['weights'].shape)} saved to {calibration.kvzap_path(model)}")
+        _report_fit(fitted)
     return 0
+
+
+def _report_fit(fitted: dict) -> None:
+    """The held-out rank correlation of KVzap's predictions with KVzip's scores, per layer."""
+    trained = fitted["trained"]
+    rho = fitted["spearman"][trained]
+    if not len(rho) or bool(rho.isnan().all()):
+        print("No sequence was held out to measure the fit (give more text or --sequences).")
+        return
+    per_layer = " ".join(f"{float(r):.2f}" for r in rho)
+    print(f"Held-out Spearman with KVzip: mean {float(rho.nanmean()):.3f} (per layer: {per_layer})")

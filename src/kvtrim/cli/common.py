@@ -14,7 +14,7 @@ from pathlib import Path
 from kvtrim.core.errors import KVTrimError
 from kvtrim.core.files import read_text
 from kvtrim.core.ratios import check_channel_ratio, check_ratio
-from kvtrim.core.spec import DEFAULT_SPEC, CompressionSpec, parse_named
+from kvtrim.core.spec import DEFAULT_SPEC, EVICTED, CompressionSpec, parse_named
 
 EXIT_USAGE = 2
 MODEL_HELP = "smollm2-135m (default), gemma3-270m, a hub id, a local directory or a .gguf"
@@ -135,6 +135,21 @@ def add_compression_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="R",
         help="also prune this fraction of every layer's key channels (ThinK), e.g. 0.5",
     )
+    parser.add_argument(
+        "--evicted",
+        choices=EVICTED,
+        default=None,
+        help="what becomes of evicted pairs: drop them (default) or merge their values into the most "
+        "similar kept pair",
+    )
+    parser.add_argument(
+        "--rerotate",
+        action="store_const",
+        const=True,
+        default=None,
+        help="re-rotate the kept keys to positions 0..K-1: the cache becomes an ordinary prefix and the "
+        "question continues at position K",
+    )
 
 
 _AXIS_FLAGS = {
@@ -147,6 +162,8 @@ _AXIS_FLAGS = {
     "decode_budget": "--decode-budget",
     "evict_every": "--evict-every",
     "key_channels": "--key-channels",
+    "evicted": "--evicted",
+    "rerotate": "--rerotate",
 }
 
 
@@ -163,6 +180,8 @@ def spec_from_args(args: argparse.Namespace) -> CompressionSpec:
         "decode_budget": args.decode_budget,
         "evict_every": args.evict_every or 16,
         "key_channels": args.key_channels or 0.0,
+        "evicted": args.evicted or "drop",
+        "rerotate": bool(args.rerotate),
     }
     if args.method is None:  # the default compression, with the axes the flags give
         default = CompressionSpec.default(args.ratio)

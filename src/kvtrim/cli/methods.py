@@ -7,7 +7,8 @@ import inspect
 import json
 from typing import Any
 
-from kvtrim.core.spec import DEFAULT_SPEC
+from kvtrim.core.spec import DEFAULT_SPEC, EVICTED
+from kvtrim.scorers.unavailable import UNAVAILABLE
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -39,7 +40,13 @@ def _listing() -> dict[str, Any]:
             for name, cls in registry.items()
         ]
 
-    return {"default": DEFAULT_SPEC, "methods": entries(SCORERS), "budgets": entries(BUDGETS)}
+    return {
+        "default": DEFAULT_SPEC,
+        "methods": entries(SCORERS),
+        "budgets": entries(BUDGETS),
+        "evicted": list(EVICTED),
+        "unavailable": [entry._asdict() for entry in UNAVAILABLE],
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,9 +66,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {name:<{width}}  {cls.summary}  [{cls.paper}]")
     print("\nKey channels (--key-channels R): prune that fraction of each layer's key channels too")
     print("  ThinK: keep the channels with the largest query·key magnitude  [arXiv 2407.21018]")
+    print("\nEvicted pairs (--evicted): drop (default), or merge each evicted value into the kept pair")
+    print("  whose key is most similar (D2O-style; same pairs and bytes as dropping)  [arXiv 2406.13035]")
+    print("\nNot available (they need weights trained by others that local text cannot reproduce):")
+    for entry in UNAVAILABLE:
+        print(f"  {entry.name:<{width}}  {entry.why}  [{entry.paper}]")
     print("\nOptions ride on the name, name:key=value[:key=value...], wherever a method or budget is")
     print("named: e.g. expected-attention:epsilon=0.01, critical:base=knorm, adaptive:alpha=0.1.")
     print("\nA whole compression is one spec (--spec): METHOD[@RATIO][+BUDGET][/PART...], the parts")
-    print("being chunk=N, decode-budget=N, evict-every=K, key-channels=R and query-aware, e.g.")
+    print("being chunk=N, decode-budget=N, evict-every=K, key-channels=R, evicted=merge and query-aware,")
+    print("e.g.")
     print("  expected-attention:epsilon=0.01@0.5+adaptive    knorm@0.75+tokens:tokens=512/chunk=256")
     return 0

@@ -9,11 +9,14 @@ and a serialisable, hashable identity::
     knorm@0.5/decode-budget=1024/evict-every=8
     snapkv@0.5/key-channels=0.5
     snapkv-query-aware@0.5/query-aware
+    keydiff@0.75/evicted=merge                         evicted values folded into kept ones
+    knorm@0.5/rerotate                                 kept keys moved to positions 0..K-1
 
 Grammar: ``SCORER[@RATIO][+BUDGET](/PART)*``. SCORER and BUDGET are ``NAME(:KEY=VALUE)*``; a PART is
-``chunk=N``, ``decode-budget=N``, ``evict-every=K``, ``key-channels=R`` or ``query-aware`` (the
-``kvtrim ask`` flags of the same names). A value is ``true``/``false``/``none``, a number, a bare
-word, or JSON (a quoted string, a list, an object) when it holds any other character.
+``chunk=N``, ``decode-budget=N``, ``evict-every=K``, ``key-channels=R``, ``evicted=drop|merge``,
+``rerotate`` or ``query-aware`` (the ``kvtrim ask`` flags of the same names). A value is
+``true``/``false``/``none``, a number, a bare word, or JSON (a quoted string, a list, an object)
+when it holds any other character.
 
 This module checks what a value alone can tell (ranges, counts). Which scorer works with which
 budget or schedule is decided in one place, :mod:`kvtrim.strategies.planner`.
@@ -38,6 +41,8 @@ DEFAULT_SPEC = "lagkv@0.5"
 DEFAULT_METHOD = DEFAULT_SPEC.split("@")[0].split(":")[0]  # a bare CompressionSpec()'s method
 DEFAULT_RATIO = 0.5
 DEFAULT_EVICT_EVERY = 16
+#: what becomes of evicted pairs: dropped, or their values folded into kept ones (kvtrim.cache.merge)
+EVICTED = ("drop", "merge")
 Options = tuple[tuple[str, Any], ...]
 
 _BARE = re.compile(r"[A-Za-z0-9_.\-]+")
@@ -162,7 +167,10 @@ class CompressionSpec:
     ``budget`` how many each layer and head keeps; the schedule is one-shot after the prefill,
     ``chunk_size`` (compress after every chunk of the prefill) and/or ``decode_budget`` (keep
     evicting while answering, every ``evict_every`` tokens); ``key_channels`` prunes that fraction
-    of the key channels too (ThinK); ``query_aware`` compresses the question with the context.
+    of the key channels too (ThinK); ``query_aware`` compresses the question with the context;
+    ``evicted`` says whether evicted pairs are dropped or merged into their kept neighbours;
+    ``rerotate`` re-rotates the kept keys to positions 0..K−1, so the cache is an ordinary prefix
+    and the question continues at position K.
     """
 
     method: str = DEFAULT_METHOD
@@ -175,6 +183,8 @@ class CompressionSpec:
     evict_every: int = DEFAULT_EVICT_EVERY
     key_channels: float = 0.0
     query_aware: bool = False
+    evicted: str = "drop"
+    rerotate: bool = False
     _text: str = field(default="", init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -187,6 +197,9 @@ class CompressionSpec:
         set_(self, "ratio", check_ratio(self.ratio))
         set_(self, "key_channels", check_channel_ratio(self.key_channels))
         set_(self, "query_aware", bool(self.query_aware))
+        set_(self, "rerotate", bool(self.rerotate))
+        if self.evicted not in EVICTED:
+            raise KVTrimError(f"evicted must be one of {', '.join(EVICTED)}, got {self.evicted!r}.")
         if self.chunk_size is not None and int(self.chunk_size) < 1:
             raise KVTrimError(f"chunk_size must be >= 1, got {self.chunk_size}")
         if self.decode_budget is None:
@@ -237,6 +250,10 @@ class CompressionSpec:
                 text += f"/evict-every={int(self.evict_every)}"
         if self.key_channels:
             text += f"/key-channels={format_value(self.key_channels)}"
+        if self.evicted != "drop":
+            text += f"/evicted={self.evicted}"
+        if self.rerotate:
+            text += "/rerotate"
         return text + ("/query-aware" if self.query_aware else "")
 
     def __hash__(self) -> int:
@@ -329,6 +346,7 @@ _PARTS = {
     "evict-every": ("evict_every", int),
     "key-channels": ("key_channels", float),
 }
+_WORD_PARTS = {"evicted": ("evicted", EVICTED)}
 
 
 def _part(part: str, text: str) -> dict[str, Any]:
@@ -337,8 +355,17 @@ def _part(part: str, text: str) -> dict[str, Any]:
     key = key.strip().replace("_", "-")
     if key == "query-aware" and not sep:
         return {"query_aware": True}
+    if key == "rerotate" and not sep:
+        return {"rerotate": True}
+    if key in _WORD_PARTS and sep:
+        name, choices = _WORD_PARTS[key]
+        if value.strip() not in choices:
+            raise KVTrimError(
+                f"The {key} part of spec {text!r} must be one of {', '.join(choices)}, got {value!r}."
+            )
+        return {name: value.strip()}
     if key not in _PARTS or not sep:
-        known = ", ".join([*(f"{k}=..." for k in _PARTS), "query-aware"])
+        known = ", ".join([*(f"{k}=..." for k in _PARTS), "evicted=drop|merge", "rerotate", "query-aware"])
         raise KVTrimError(f"Unknown part {part!r} in spec {text!r}; parts are {known}.")
     name, kind = _PARTS[key]
     return {name: kind(_number(value, key, text))}

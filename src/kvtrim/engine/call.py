@@ -92,6 +92,12 @@ class LayerCall:
 
     # --- views ------------------------------------------------------------------------------------
 
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Apply the layer's RoPE to x: (B, H, P, D) at positions (P,) (negative ones turn back)."""
+        with torch.inference_mode():
+            cos, sin = self.internals.rotary(positions, like=x)
+            return self.internals.rope(x, x, cos, sin)[0]
+
     def view(
         self,
         keys: torch.Tensor,
@@ -101,23 +107,22 @@ class LayerCall:
         projected: torch.Tensor | None = None,
         query_positions: torch.Tensor | None = None,
         budget_keep: int | None = None,
+        hidden_states: torch.Tensor | None = None,
     ) -> LayerView:
         """What a scorer sees of this layer: ``keys``/``values`` (B, Hkv, T, D) at ``key_positions``,
-        queries from ``projected`` (default: this forward's) at ``query_positions``."""
+        queries from ``projected`` (default: this forward's, with its ``hidden_states``) at
+        ``query_positions``."""
         layer = self.internals
-        attn, rope, rotary = layer.attn, layer.rope, layer.rotary
-        projected = self.projected if projected is None else projected
+        attn, rotary = layer.attn, layer.rotary
+        if projected is None:
+            projected = self.projected
+            hidden_states = self.kwargs["hidden_states"] if hidden_states is None else hidden_states
 
         def pre_rope_queries(last: int | None = None) -> torch.Tensor:
             if projected is None:
                 raise RuntimeError("queries were not captured for this layer")
             with torch.inference_mode():
                 return queries_from_projection(attn, projected if last is None else projected[:, -last:])
-
-        def rotate(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-            with torch.inference_mode():
-                cos, sin = rotary(positions, like=x)
-                return rope(x, x, cos, sin)[0]
 
         return LayerView(
             layer_idx=self.idx,
@@ -129,10 +134,11 @@ class LayerCall:
             head_dim=layer.head_dim,
             scaling=layer.scaling,
             pre_rope_queries=pre_rope_queries,
-            rotate_fn=rotate,
+            rotate_fn=self.rotate,
             seed=self.seed,
             output_weight=layer.output_weight,
             budget_keep=budget_keep,
+            hidden_states=hidden_states,
             rope_key=("rope", rotary.layer_type),
             rotation_cache=layer.rotations,
         )
@@ -151,6 +157,7 @@ class LayerCall:
             projected=own,
             query_positions=positions,
             budget_keep=budget_keep(keys.shape[-2]),
+            hidden_states=self.kwargs["hidden_states"][b : b + 1, pad:],  # (1, T_b, hidden)
         )
 
     # --- bookkeeping ------------------------------------------------------------------------------

@@ -22,11 +22,13 @@ from kvtrim.scorers.channels import kept_channels
 
 @dataclass
 class Selector:
-    """Which pairs a layer keeps: ``scorer``'s scores, chosen by ``budget`` at ``ratio``."""
+    """Which pairs a layer keeps: ``scorer``'s scores, chosen by ``budget`` at ``ratio``; ``merge``
+    folds the evicted values into the kept ones (:mod:`kvtrim.cache.merge`) instead of dropping them."""
 
     scorer: Scorer
     budget: Budget
     ratio: float
+    merge: bool = False
 
     def evicts(self, n_tokens: int) -> bool:
         """False when nothing would be evicted (the scorer is then not even run)."""
@@ -77,7 +79,9 @@ def evict_layer(call: LayerCall, selector: Selector, positions: PositionTracker 
     budget_keep = selector.layer_keep(seq, call.idx, call.n_layers)
     view = call.view(keys, values, key_positions, budget_keep=budget_keep)
     chosen = selector.choose(view, call.n_layers)
-    keep_choice(call.cache, call.idx, chosen, call.stats, bytes_before, positions, key_positions)
+    keep_choice(
+        call.cache, call.idx, chosen, call.stats, bytes_before, positions, key_positions, selector.merge
+    )
 
 
 def keep_choice(
@@ -88,6 +92,7 @@ def keep_choice(
     bytes_before: int | None = None,
     positions: PositionTracker | None = None,
     key_positions: torch.Tensor | None = None,
+    merge: bool = False,
 ) -> None:
     """Shrink layer ``idx`` to ``chosen`` (what a budget selected) and count it in ``stats``.
 
@@ -99,13 +104,37 @@ def keep_choice(
     seq = keys.shape[-2]
     if bytes_before is None:
         bytes_before = layer_bytes(layer)
-    kept = keep_selected(layer, chosen)
+    kept = keep_selected(layer, chosen, merge)
     cache.layers[idx] = kept.layer
     if positions is not None and kept.indices is not None:
         if key_positions is None:
             key_positions = torch.arange(seq, device=keys.device)  # (T,)
         positions.remember(idx, keys, key_positions, kept.indices)
     stats.add_layer(bytes_before, layer_bytes(kept.layer), seq, kept.per_head, layer_heads(kept.layer))
+
+
+def rerotate_keys(call: LayerCall, positions: PositionTracker) -> None:
+    """Move the layer's kept keys from their true positions to 0..K−1 (key re-rotation).
+
+    RoPE turns a key at position p by R_p, and R_a R_b = R_{a+b}, so turning it by the offset
+    (new − old) gives R_new R_oldᵀ k: the key a plain prefix of K tokens would hold there. Each
+    head kept its own positions, so each head turns by its own offsets. Relative distances between
+    the kept pairs shrink; that is the price of an ordinary cache any engine can continue.
+    """
+    layer = call.layer
+    old = positions.get(call.idx)  # (B, Hkv, K)
+    if old is None:
+        raise RuntimeError("key re-rotation needs the kept positions of every layer")
+    keys = layer.keys  # (B, Hkv, K, D)
+    if keys.shape[0] != 1:
+        raise NotImplementedError("key re-rotation compresses one context at a time")
+    new = torch.arange(keys.shape[2], device=old.device)  # (K,)
+    heads = [
+        call.rotate(keys[:, h : h + 1], (new - old[0, h]).to(keys.device))  # (1, 1, K, D)
+        for h in range(keys.shape[1])
+    ]
+    layer.keys = torch.cat(heads, dim=1)  # (1, Hkv, K, D)
+    positions.positions[call.idx] = new[None, None].expand_as(old)
 
 
 def prune_key_channels(call: LayerCall, ratio: float, window: int) -> None:

@@ -3,14 +3,16 @@ prefill (a cache's first forward); later forwards — the question, decoded toke
 
 from __future__ import annotations
 
+from kvtrim.core.errors import KVTrimError
 from kvtrim.engine.call import LayerCall
-from kvtrim.engine.eviction import PositionTracker, Selector, evict_layer, prune_key_channels
+from kvtrim.engine.eviction import PositionTracker, Selector, evict_layer, prune_key_channels, rerotate_keys
 from kvtrim.schedules.base import Schedule
 
 
 class AfterPrefill(Schedule):
     """Evict through ``selector`` on a cache's prefill; ``key_channels`` also prunes that fraction
-    of the key channels of every layer (ThinK, over the last ``channel_window`` context queries)."""
+    of the key channels of every layer (ThinK, over the last ``channel_window`` context queries);
+    ``rerotate`` then moves every layer's kept keys to positions 0..K−1 (needs ``positions``)."""
 
     def __init__(
         self,
@@ -18,16 +20,29 @@ class AfterPrefill(Schedule):
         positions: PositionTracker | None = None,
         key_channels: float = 0.0,
         channel_window: int = 32,
+        rerotate: bool = False,
     ):
         self.selector = selector
-        self.positions = positions
+        self.positions = PositionTracker() if rerotate and positions is None else positions
+        self.rerotate = rerotate
         self.key_channels = key_channels
         self.channel_window = channel_window
 
     def takes(self, call: LayerCall) -> bool:
         return call.is_first_forward
 
+    def on_forward(self, call: LayerCall) -> None:
+        if self.rerotate and call.is_sliding and self.takes(call):
+            raise KVTrimError(
+                "Key re-rotation needs every layer to keep the same pairs' count; this model's "
+                "sliding-window layers keep their window instead. Compress without /rerotate."
+            )
+        super().on_forward(call)
+
     def compress_layer(self, call: LayerCall) -> None:
         evict_layer(call, self.selector, self.positions)
+        if self.rerotate:
+            assert self.positions is not None
+            rerotate_keys(call, self.positions)
         if self.key_channels:
             prune_key_channels(call, self.key_channels, self.channel_window)

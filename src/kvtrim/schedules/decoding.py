@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from kvtrim.cache.keep import gather_positions
+from kvtrim.cache.keep import gather_positions, keep_mask
+from kvtrim.cache.merge import merge_evicted
 from kvtrim.core.selection import top_indices
 from kvtrim.core.stats import CompressionStats
 from kvtrim.engine.call import LayerCall
@@ -36,8 +37,10 @@ class DecodingSchedule(Schedule):
         tokens: int,
         every: int = 16,
         query_window: int = 32,
+        merge: bool = False,
     ):
         self.prefill, self.scorer, self.positions = prefill, scorer, positions
+        self.merge = merge  # fold evicted values into kept ones (kvtrim.cache.merge)
         self.tokens, self.every, self.query_window = tokens, every, query_window
         #: layer -> (projected queries (B, W, H·D), their positions (W,)): what scorers see
         self.recent: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -94,6 +97,8 @@ class DecodingSchedule(Schedule):
             keys, values, key_positions, projected=recent, query_positions=positions, budget_keep=self.target
         )
         chosen = top_indices(self.scorer.score(view), self.target)  # (B, Hkv, K)
+        if self.merge:
+            values = merge_evicted(keys, values, keep_mask(chosen, keys.shape[-2]))  # (B, Hkv, T, D)
         layer.keys = gather_positions(keys, chosen)
         layer.values = gather_positions(values, chosen)
         self.positions.remember(call.idx, keys, key_positions, chosen)

@@ -4,14 +4,18 @@ A published method is one file here plus one line in :func:`register` below.
 """
 
 from kvtrim.scorers.base import LayerView, Scorer
+from kvtrim.scorers.capkv import CAPKV
 from kvtrim.scorers.chunkkv import ChunkKV
+from kvtrim.scorers.compactor import Compactor
 from kvtrim.scorers.critical import CriticalKV
 from kvtrim.scorers.cur import CUR
 from kvtrim.scorers.expected_attention import ExpectedAttention, ExpectedAttentionCalibrated
 from kvtrim.scorers.keydiff import KeyDiff
+from kvtrim.scorers.kvzap import KVzap
 from kvtrim.scorers.kvzip import KVzip
 from kvtrim.scorers.lagkv import LagKV
 from kvtrim.scorers.leverage import Leverage
+from kvtrim.scorers.noncausal import NonCausalAttention
 from kvtrim.scorers.observed_attention import ObservedAttention
 from kvtrim.scorers.qfilters import QFilters
 from kvtrim.scorers.registry import SCORERS, make_scorer, register
@@ -35,8 +39,12 @@ register(
     LagKV,
     CUR,
     Leverage,
+    NonCausalAttention,
+    Compactor,
+    CAPKV,
     ChunkKV,
     KVzip,
+    KVzap,
     CriticalKV,
 )
 

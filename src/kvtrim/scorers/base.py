@@ -29,6 +29,9 @@ class LayerView:
     budget_keep: pairs per head the budget will keep in this layer (a mean for head-adaptive
         budgets), or None when the budget has no fixed count (threshold). Lets a scorer rank in
         stages relative to the budget (CriticalKV) without choosing the kept set itself.
+    hidden_states: (B, Tq, hidden) the layer's input (after its input norm) for the current
+        forward's tokens, or None where the view's queries are not this forward's (decoding
+        eviction). Lets a learned scorer (KVzap) predict each pair's score from what made it.
     """
 
     layer_idx: int
@@ -45,6 +48,7 @@ class LayerView:
     seed: int = 0
     output_weight: torch.Tensor | None = None
     budget_keep: int | None = None
+    hidden_states: torch.Tensor | None = None
     #: identifies the layer's RoPE (layers sharing it share rotations); None disables caching
     rope_key: Any = None
     #: shared across the layers of one compression, so R̄ is computed once, not once per layer

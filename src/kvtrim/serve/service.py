@@ -162,7 +162,7 @@ class Service:
             cache, start = new_cache(self.model), 0
             self.metrics.prefill_tokens.inc(len(prepared.rest_ids))
         else:
-            cache, start = obtained.session.cache, obtained.session.context_length
+            cache, start = obtained.session.cache, obtained.session.first_position
         stream = TextStream(self.tokenizer, prepared.stops)
         produced = 0
         tokens = generate(
@@ -208,7 +208,7 @@ class Service:
         rows = generate_batch(
             self.model,
             batched,
-            obtained.session.context_length,
+            obtained.session.first_position,
             [p.rest_ids for p in prepared],
             [p.sampling for p in prepared],
             self.stop_ids,

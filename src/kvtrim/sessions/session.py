@@ -1,7 +1,8 @@
 """A compressed context, answering any number of questions from its cache.
 
 Each question is appended after the compressed context with its *true* RoPE positions (the
-context's length, not the shorter cache's), answered by greedy decoding, and the cache is then
+context's length, not the shorter cache's; after key re-rotation the cache is an ordinary prefix of
+its K kept pairs and the question starts at K), answered by greedy decoding, and the cache is then
 restored to its compressed state, so every question sees exactly the same cache.
 
 A query-aware session (``compress(..., question=q)``) holds its question already, compressed with
@@ -53,6 +54,14 @@ class Session:
     question: str | None = None
     #: every axis of the compression that made this session
     spec: CompressionSpec | None = None
+    #: the RoPE position of the next token when it is not ``context_length``: the kept count K
+    #: after key re-rotation (``/rerotate``), the cache then being an ordinary K-token prefix
+    next_position: int | None = None
+
+    @property
+    def first_position(self) -> int:
+        """Where the question starts: the context's true length, or K after key re-rotation."""
+        return self.context_length if self.next_position is None else self.next_position
 
     @property
     def evicts_while_decoding(self) -> bool:
@@ -89,9 +98,9 @@ class Session:
                 raise KVTrimError("The question is empty.")
             ids = encode(self.tokenizer, self.layout.question_text(question) + answer_prefix)
         limit = max_context(self.model)
-        if self.context_length + len(ids) + max_new_tokens > limit:
+        if self.first_position + len(ids) + max_new_tokens > limit:
             raise KVTrimError(
-                f"Context ({self.context_length}) + question ({len(ids)}) + max_new_tokens "
+                f"Context ({self.first_position}) + question ({len(ids)}) + max_new_tokens "
                 f"({max_new_tokens}) tokens exceed the model's window of {limit} tokens."
             )
         return question, ids
@@ -127,7 +136,7 @@ class Session:
                     self.model,
                     self.cache,
                     ids,
-                    self.context_length,
+                    self.first_position,
                     max_new_tokens,
                     stop_ids=stop_token_ids(self.model, self.tokenizer),
                 )

@@ -63,7 +63,8 @@ def save_session(session: Any, path: str | Path) -> Path:
         "question": session.question,
         "layout": dataclasses.asdict(layout),
         "context_token_ids": encode(session.tokenizer, layout.context_text, layout.add_special_tokens),
-        "next_position": session.context_length,
+        "context_length": session.context_length,
+        "next_position": session.first_position,
         "prefill_s": session.prefill_s,
         "stats": dataclasses.asdict(session.stats),
         "layers": layers,
@@ -96,10 +97,13 @@ def read_session(model: nn.Module, tokenizer: Any, path: str | Path) -> dict[str
     cache = restore_cache(new_cache(model), tensors, manifest["layers"], model_device(model))
     stats = CompressionStats(**manifest["stats"])
     spec = None if manifest["spec"] is None else CompressionSpec.from_dict(manifest["spec"])
+    next_position = int(manifest["next_position"])
+    context_length = int(manifest.get("context_length", next_position))  # written since key re-rotation
     return dict(
         cache=cache,
         layout=PromptLayout(**manifest["layout"]),
-        context_length=int(manifest["next_position"]),
+        context_length=context_length,
+        next_position=None if next_position == context_length else next_position,
         method=manifest["method"],
         ratio=float(manifest["ratio"]),
         stats=stats,

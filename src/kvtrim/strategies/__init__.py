@@ -1,6 +1,7 @@
 """Strategies: how a compression runs — one context, a padded batch, reconstruction scoring, one
 shared prefill for many cells, cell batches — and the planner that checks a spec and picks one."""
 
+from kvtrim.strategies import surrogates as _surrogates  # noqa: F401 - registers KVzip as a teacher
 from kvtrim.strategies.cell_batch import answer_cells
 from kvtrim.strategies.plan import Plan
 from kvtrim.strategies.planner import plan, plan_generate

@@ -68,7 +68,7 @@ def answer_cells(
     cache = stack_caches(sessions, room=len(ids) + max_new_tokens)  # copies: sessions stay as they are
     n = len(sessions)
     stop_ids = stop_token_ids(model, tokenizer)
-    generated = decode(model, cache, [ids] * n, [first.context_length] * n, [max_new_tokens] * n, stop_ids)
+    generated = decode(model, cache, [ids] * n, [first.first_position] * n, [max_new_tokens] * n, stop_ids)
     share = (time.perf_counter() - start) / n
     return [
         Answer(question, tokenizer.decode(tokens, skip_special_tokens=True).strip(), tokens, share)

@@ -9,7 +9,7 @@ from typing import Any
 
 from kvtrim.attention.interface import enable
 from kvtrim.budgets.base import Budget
-from kvtrim.cache.layers import sliding_bytes
+from kvtrim.cache.layers import layer_tokens, sliding_bytes
 from kvtrim.core.spec import CompressionSpec
 from kvtrim.core.stats import CompressionStats
 from kvtrim.engine.eviction import PositionTracker, Selector
@@ -36,7 +36,7 @@ class Plan:
         budget = self.budget
         if self.spec.chunk_size is not None:
             budget = budget.per_chunk(n_tokens or 0, self.spec.ratio) or budget
-        return Selector(self.scorer, budget, self.spec.ratio)
+        return Selector(self.scorer, budget, self.spec.ratio, merge=self.spec.evicted == "merge")
 
     def schedule(self, n_tokens: int | None = None) -> Schedule:
         """The engine's schedule for a context of ``n_tokens`` (after-prefill, chunked, decoding)."""
@@ -47,11 +47,20 @@ class Plan:
         if spec.chunk_size is not None:
             prefill: Schedule = Chunked(selector, positions)
         else:
-            prefill = AfterPrefill(selector, positions, key_channels=spec.key_channels)
+            prefill = AfterPrefill(
+                selector, positions, key_channels=spec.key_channels, rerotate=spec.rerotate
+            )
         if spec.decode_budget is None:
             return prefill
         assert positions is not None
-        return DecodingSchedule(prefill, self.scorer, positions, spec.decode_budget, spec.evict_every)
+        return DecodingSchedule(
+            prefill,
+            self.scorer,
+            positions,
+            spec.decode_budget,
+            spec.evict_every,
+            merge=spec.evicted == "merge",
+        )
 
     def session(
         self,
@@ -66,6 +75,8 @@ class Plan:
     ) -> Session:
         """The session a compression by this plan left (``extra``: its question, its compressor)."""
         stats.kv_bytes_sliding = sliding_bytes(cache)
+        # re-rotated keys sit at 0..K−1: the next token takes position K, as after any K-token prefix
+        next_position = layer_tokens(cache.layers[0]) if self.spec.rerotate else None
         return Session(
             model=model,
             tokenizer=tokenizer,
@@ -78,6 +89,7 @@ class Plan:
             prefill_s=prefill_s,
             budget=self.budget.name,
             spec=self.spec,
+            next_position=next_position,
             **extra,
         )
 

@@ -50,6 +50,8 @@ def plan(
     check_key_channels(spec, scorer)
     if spec.decode_budget is not None:
         check_decoding(scorer, policy)
+    if spec.rerotate:
+        check_rerotate(spec, scorer, policy)
     if batch:
         run = compress_batch
     elif scorer.needs_reconstruction:
@@ -72,6 +74,11 @@ def plan_generate(
     if spec.chunk_size is not None:
         raise KVTrimError(
             "generate() prefills its prompt in one forward; use kvtrim.compress(..., chunk_size=N)."
+        )
+    if spec.rerotate:
+        raise KVTrimError(
+            "generate() places new tokens by the prompt's true length; key re-rotation needs "
+            "kvtrim.compress(...), whose session continues at the kept count."
         )
     return resolved
 
@@ -115,6 +122,27 @@ def check_decoding(scorer: Scorer, budget: Budget) -> None:
         )
 
 
+def check_rerotate(spec: CompressionSpec, scorer: Scorer, budget: Budget) -> None:
+    """Re-rotated keys form one contiguous prefix: every layer and head must keep as many pairs,
+    compressed once, with whole keys (RoPE turns pairs of channels)."""
+    if (
+        spec.chunk_size is not None
+        or spec.decode_budget is not None
+        or spec.key_channels
+        or scorer.needs_reconstruction
+    ):
+        raise KVTrimError(
+            "Key re-rotation (rerotate) applies to a one-shot compression during the prefill; it "
+            f"does not combine with chunked prefill, decoding eviction, key channels or {scorer.name!r}'s "
+            "scoring after the prefill."
+        )
+    if not _dense(budget):
+        raise KVTrimError(
+            f"Key re-rotation needs every layer and head to keep as many pairs: the {_budget_names(_dense)} "
+            f"budgets, not {budget.name!r}."
+        )
+
+
 def check_key_channels(spec: CompressionSpec, scorer: Scorer) -> None:
     if spec.key_channels and (
         spec.chunk_size is not None or scorer.needs_reconstruction or spec.decode_budget is not None
@@ -127,10 +155,17 @@ def check_key_channels(spec: CompressionSpec, scorer: Scorer) -> None:
 
 
 def check_batch_axes(spec: CompressionSpec) -> None:
-    if spec.chunk_size is not None or spec.decode_budget is not None or spec.query_aware or spec.key_channels:
+    if (
+        spec.chunk_size is not None
+        or spec.decode_budget is not None
+        or spec.query_aware
+        or spec.key_channels
+        or spec.evicted != "drop"
+        or spec.rerotate
+    ):
         raise KVTrimError(
-            "Batches do not support chunked prefill, decoding eviction, query-aware compression "
-            "or key-channel pruning yet."
+            "Batches do not support chunked prefill, decoding eviction, query-aware compression, "
+            "key-channel pruning, merging evicted pairs or key re-rotation yet."
         )
 
 
@@ -176,6 +211,8 @@ def check_cell_batch(sessions: Sequence[Session]) -> None:
     for session in sessions:
         if session.model is not first.model or session.context_length != first.context_length:
             raise KVTrimError("A cell batch needs sessions of the same model and context.")
+        if session.first_position != first.first_position:
+            raise KVTrimError("A cell batch cannot mix re-rotated sessions with others.")
         if session.layout != first.layout:
             raise KVTrimError("A cell batch needs sessions laid out alike (same prompt template).")
         if session.question != first.question:

@@ -116,7 +116,7 @@ def evict_by_scores(
         if is_sliding(layer) or idx not in scores or not selector.evicts(seq):
             stats.add_layer(layer_bytes(layer), layer_bytes(layer), seq, seq, layer_heads(layer))
             continue
-        keep_choice(cache, idx, selector.select(scores[idx], idx, n_layers), stats)
+        keep_choice(cache, idx, selector.select(scores[idx], idx, n_layers), stats, merge=selector.merge)
 
 
 def reconstruction_choices(
