@@ -153,6 +153,7 @@ def main() -> None:
     figures.update(store_speed(args.model, docs[0], args.spec, root / "speed-store"))
     print_table(figures)
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(figures, indent=1))
 
 

@@ -56,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
         )
         print(f"Duo head split {tuple(heads.shape)} saved to {calibration.duo_heads_path(model)}")
     if "kvzap" in wanted:
+        import kvtrim.strategies  # noqa: F401 - registers KVzip, the teacher KVzap is fitted on
+
         fitted = calibration.load_or_fit_kvzap(model, tokenizer, **sizes)
         print(f"KVzap weights {tuple(fitted['weights'].shape)} saved to {calibration.kvzap_path(model)}")
         _report_fit(fitted)
