@@ -8,7 +8,6 @@ import json
 from typing import Any
 
 from kvtrim.core.spec import DEFAULT_SPEC, EVICTED
-from kvtrim.scorers.unavailable import UNAVAILABLE
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -33,6 +32,7 @@ def _options(cls: type) -> dict[str, Any]:
 def _listing() -> dict[str, Any]:
     from kvtrim.budgets import BUDGETS
     from kvtrim.scorers import SCORERS
+    from kvtrim.scorers.unavailable import UNAVAILABLE
 
     def entries(registry: dict[str, type]) -> list[dict[str, Any]]:
         return [
@@ -52,6 +52,7 @@ def _listing() -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     from kvtrim.budgets import BUDGETS
     from kvtrim.scorers import SCORERS
+    from kvtrim.scorers.unavailable import UNAVAILABLE
 
     if args.json:
         print(json.dumps(_listing(), indent=1))
