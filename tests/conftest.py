@@ -93,6 +93,17 @@ def tokenizer():
     return make_tokenizer()
 
 
+@pytest.fixture(scope="module")
+def llama():
+    """A tiny Llama with a 512-token window, built once per module (tests only read it)."""
+    return make_model("llama", max_positions=512)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
 @pytest.fixture(params=ARCHS)
 def arch(request) -> str:
     return request.param

@@ -38,16 +38,6 @@ def test_spearman():
     assert spearman(a, torch.tensor([1.0, 3.0, 2.0, 4.0])) == pytest.approx(0.8)
 
 
-@pytest.fixture(scope="module")
-def llama():
-    return make_model("llama", max_positions=512)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
-
-
 def planted_teacher(weights: torch.Tensor):
     """A teacher whose scores are exp of a planted linear map of the real hidden states."""
 

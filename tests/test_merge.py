@@ -71,16 +71,6 @@ def test_identical_pairs_merge_to_the_same_value():
     assert math.isclose(float(merged[0, 0, 1].norm()), math.sqrt(2), rel_tol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def llama():
-    return make_model("llama", max_positions=512)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
-
-
 @pytest.mark.parametrize("spec", ["knorm@0.5", "snapkv@0.5+adaptive", "knorm@0.5/chunk=32", "kvzip@0.5"])
 def test_merging_keeps_the_same_pairs_and_bytes_but_other_values(llama, tok, spec):
     context = sample_text(160)

@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer, sample_text
+from conftest import sample_text
 
 import kvtrim
 from kvtrim import CompressionSpec, KVTrimError
@@ -90,16 +90,6 @@ def test_spec_round_trips(scorer, budget, schedule):
     assert CompressionSpec.from_dict(spec.to_dict()) == spec
     assert hash(CompressionSpec.parse(text)) == hash(spec)
     assert CompressionSpec.parse(text).digest() == spec.digest()
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return make_model("llama", max_positions=512)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
 
 
 @pytest.mark.parametrize("scorer,budget,schedule", COMBINATIONS)

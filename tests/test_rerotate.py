@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer, sample_text
+from conftest import make_model, sample_text
 from test_methods import rope_matrix
 
 import kvtrim
@@ -17,16 +17,6 @@ from kvtrim.models.forward import forward
 
 pytestmark = pytest.mark.usefixtures("one_thread", "isolated_cache")
 QUESTION = "Which word comes first?"
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return make_model("llama", max_positions=512)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
 
 
 def test_nothing_evicted_nothing_moves(llama, tok):
