@@ -24,6 +24,7 @@ BUDGET_OPTIONS = {
     "threshold": {"threshold": 0.0},
     "duo": {"sinks": 4, "window": 16},
     "layers": {"ratios": [0.25, 0.75]},
+    "simlayer": {"n_recent": 16, "lazy_threshold": 0.5},
 }
 #: the schedule axes (and the other one-value axes) as spec fields; "batch" compresses a list of contexts
 SCHEDULES = {
@@ -79,6 +80,8 @@ def expected_refusal(scorer: str, budget: str, schedule: str) -> str | None:
         return "Key re-rotation needs every layer and head to keep as many pairs"
     if schedule.endswith("decoding") and not policy.heads_alike:
         return "Decoding eviction works with"
+    if cls.needs_reconstruction and policy.needs_view:
+        return "budget decides from the prefill's attention"
     return None
 
 
@@ -119,7 +122,7 @@ def test_every_combination_runs_or_is_refused_clearly(scorer, budget, schedule, 
 def test_the_rules_refuse_something_on_every_axis():
     """The grid above reaches every rule: each kind of refusal happens at least once."""
     reasons = {expected_refusal(*combo) for combo in COMBINATIONS} - {None}
-    assert len(reasons) == 11
+    assert len(reasons) == 12
 
 
 def test_generate_refuses_what_it_cannot_do(llama):

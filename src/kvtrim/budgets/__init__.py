@@ -7,11 +7,19 @@ from kvtrim.budgets.duo import DuoBudget
 from kvtrim.budgets.layers import LayerRatiosBudget
 from kvtrim.budgets.pyramid import PyramidBudget
 from kvtrim.budgets.registry import BUDGETS, make_budget, register
+from kvtrim.budgets.simlayer import SimLayerBudget
 from kvtrim.budgets.threshold import ThresholdBudget
 from kvtrim.budgets.uniform import TokenBudget, UniformBudget
 
 register(
-    UniformBudget, TokenBudget, PyramidBudget, LayerRatiosBudget, AdaptiveBudget, ThresholdBudget, DuoBudget
+    UniformBudget,
+    TokenBudget,
+    PyramidBudget,
+    LayerRatiosBudget,
+    AdaptiveBudget,
+    ThresholdBudget,
+    DuoBudget,
+    SimLayerBudget,
 )
 
 __all__ = [
@@ -21,6 +29,7 @@ __all__ = [
     "DuoBudget",
     "LayerRatiosBudget",
     "PyramidBudget",
+    "SimLayerBudget",
     "ThresholdBudget",
     "TokenBudget",
     "UniformBudget",

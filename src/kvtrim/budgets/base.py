@@ -27,6 +27,9 @@ class Budget:
     layers_alike: ClassVar[bool] = True
     #: the ratio decides the count (a sweep over ratios means something)
     ratio_driven: ClassVar[bool] = True
+    #: the choice needs the layer itself (its queries and keys), not only the scores: the engine
+    #: then calls :meth:`select_seen` with the scorer's ``LayerView`` (SimLayerKV's lazy layers)
+    needs_view: ClassVar[bool] = False
 
     def setup(self, model: torch.nn.Module, tokenizer: Any) -> None:
         """Prepare model-specific data once (e.g. a calibrated head split); default: nothing."""
@@ -34,6 +37,12 @@ class Budget:
     def select(self, scores: torch.Tensor, layer_idx: int, n_layers: int, ratio: float) -> torch.Tensor:
         """scores: (B, Hkv, T) -> (B, Hkv, K) sorted indices, or a (B, Hkv, T) boolean keep mask."""
         raise NotImplementedError
+
+    def select_seen(
+        self, scores: torch.Tensor, view: Any, layer_idx: int, n_layers: int, ratio: float
+    ) -> torch.Tensor:
+        """:meth:`select` for a budget that ``needs_view``; ``view`` is the layer's ``LayerView``."""
+        return self.select(scores, layer_idx, n_layers, ratio)
 
     def evicts(self, n_tokens: int, ratio: float) -> bool:
         """False when this budget keeps everything (the engine then skips scoring)."""

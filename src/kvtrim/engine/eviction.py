@@ -37,12 +37,19 @@ class Selector:
     def layer_keep(self, n_tokens: int, idx: int, n_layers: int) -> int | None:
         return self.budget.layer_keep(n_tokens, idx, n_layers, self.ratio)
 
-    def select(self, scores: torch.Tensor, idx: int, n_layers: int) -> torch.Tensor:
-        """scores (B, Hkv, T) -> (B, Hkv, K) sorted indices or a (B, Hkv, T) keep mask."""
+    def select(
+        self, scores: torch.Tensor, idx: int, n_layers: int, view: LayerView | None = None
+    ) -> torch.Tensor:
+        """scores (B, Hkv, T) -> (B, Hkv, K) sorted indices or a (B, Hkv, T) keep mask; ``view``
+        is the layer's, which a budget that ``needs_view`` must get (the planner sees to it)."""
+        if self.budget.needs_view:
+            if view is None:
+                raise RuntimeError(f"the {self.budget.name!r} budget needs the layer's view")
+            return self.budget.select_seen(scores, view, idx, n_layers, self.ratio)
         return self.budget.select(scores, idx, n_layers, self.ratio)
 
     def choose(self, view: LayerView, n_layers: int) -> torch.Tensor:
-        return self.select(self.scorer.score(view), view.layer_idx, n_layers)
+        return self.select(self.scorer.score(view), view.layer_idx, n_layers, view)
 
 
 @dataclass

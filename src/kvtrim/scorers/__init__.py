@@ -6,6 +6,7 @@ A published method is one file here plus one line in :func:`register` below.
 from kvtrim.scorers.base import LayerView, Scorer
 from kvtrim.scorers.capkv import CAPKV
 from kvtrim.scorers.chunkkv import ChunkKV
+from kvtrim.scorers.chunkkv_entropy import EntropyGatedChunkKV
 from kvtrim.scorers.compactor import Compactor
 from kvtrim.scorers.critical import CriticalKV
 from kvtrim.scorers.cur import CUR
@@ -43,6 +44,7 @@ register(
     Compactor,
     CAPKV,
     ChunkKV,
+    EntropyGatedChunkKV,
     KVzip,
     KVzap,
     CriticalKV,

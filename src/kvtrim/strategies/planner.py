@@ -52,6 +52,11 @@ def plan(
         check_decoding(scorer, policy)
     if spec.rerotate:
         check_rerotate(spec, scorer, policy)
+    if scorer.needs_reconstruction and policy.needs_view:
+        raise KVTrimError(
+            f"The {policy.name!r} budget decides from the prefill's attention, which {scorer.name!r} "
+            "does not score in (it scores after the prefill, by reconstruction)."
+        )
     if batch:
         run = compress_batch
     elif scorer.needs_reconstruction:

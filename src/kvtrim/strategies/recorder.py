@@ -111,6 +111,6 @@ class ScoreRecorder(Schedule):
             scores = selector.scorer.score(dataclasses.replace(view, budget_keep=keep))  # (B, Hkv, T)
             self.score_s[cell.method] += time.perf_counter() - start
             start = time.perf_counter()
-        chosen = selector.select(scores, call.idx, call.n_layers)
+        chosen = selector.select(scores, call.idx, call.n_layers, view)
         self.select_s[cell] += time.perf_counter() - start
         return chosen
