@@ -1,5 +1,5 @@
 """Per-model statistics computed locally from text and cached on disk (never downloaded):
-Q-Filters, query statistics, DuoAttention's head split, KVzap's score predictor."""
+Q-Filters, query statistics, DuoAttention's head split, KVzap's score predictor, Fast KVzip's gates."""
 
 from kvtrim.calibration.artefacts import (
     DUO_VERSION,
@@ -14,12 +14,14 @@ from kvtrim.calibration.artefacts import (
 )
 from kvtrim.calibration.corpus import bundled_texts, calibration_sequences
 from kvtrim.calibration.duo_heads import compute_duo_heads, passkey_prompt
+from kvtrim.calibration.gates import FASTKVZIP_VERSION, fastkvzip_path, fit_fastkvzip, load_or_fit_fastkvzip
 from kvtrim.calibration.qfilters import compute_qfilters, dominant_direction, orient_filter
 from kvtrim.calibration.query_stats import compute_query_stats
 from kvtrim.calibration.surrogates import KVZAP_VERSION, fit_kvzap, kvzap_path, load_or_fit_kvzap
 
 __all__ = [
     "DUO_VERSION",
+    "FASTKVZIP_VERSION",
     "KVZAP_VERSION",
     "QFILTERS_VERSION",
     "QUERY_STATS_VERSION",
@@ -30,11 +32,14 @@ __all__ = [
     "compute_query_stats",
     "dominant_direction",
     "duo_heads_path",
+    "fastkvzip_path",
+    "fit_fastkvzip",
     "fit_kvzap",
     "kvzap_path",
     "load_or_compute_duo_heads",
     "load_or_compute_qfilters",
     "load_or_compute_query_stats",
+    "load_or_fit_fastkvzip",
     "load_or_fit_kvzap",
     "orient_filter",
     "passkey_prompt",

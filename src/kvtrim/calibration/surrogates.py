@@ -92,15 +92,7 @@ def fit_kvzap(
     Returns ``weights`` (L, F + 1, Hkv) float32, ``trained`` (L,) bool (layers the teacher scores)
     and ``spearman`` (L,) the held-out rank correlation (NaN where untrained or nothing held out).
     """
-    if teacher not in _TEACHERS:
-        raise KVTrimError(f"No teacher {teacher!r} to fit KVzap on (import kvtrim to register KVzip).")
-    seq_len = min(seq_len, max_context(model) // 2)  # KVzip needs room to repeat the context after it
-    windows = calibration_windows(tokenizer, texts, n_sequences, seq_len)
-    n_held = min(held_out, len(windows) - 1)
-    samples: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = []
-    progress = tqdm(windows, desc="scoring calibration text with KVzip", unit="seq", file=sys.stderr)
-    for i, text in enumerate(progress):
-        samples.append(_TEACHERS[teacher](model, tokenizer, text, seed + i))
+    samples, n_held = teacher_samples(model, tokenizer, texts, n_sequences, seq_len, held_out, seed, teacher)
     n_layers = int(text_config(model).num_hidden_layers)
     train, test = samples[: len(samples) - n_held], samples[len(samples) - n_held :]
     first = next(iter(samples[0].values()))
@@ -109,27 +101,57 @@ def fit_kvzap(
     trained = torch.zeros(n_layers, dtype=torch.bool)
     correlation = torch.full((n_layers,), float("nan"))
     for layer in sorted(samples[0]):
-        x, y = _rows(train, layer)  # (N, F), (N, Hkv)
+        x, y = teacher_rows(train, layer)  # (N, F), (N, Hkv)
         fitted = fit_linear(x, y, ridge)  # (F + 1, Hkv)
         weights[layer], trained[layer] = fitted.float(), True
         if test:
-            x_test, want = _rows(test, layer)
+            x_test, want = teacher_rows(test, layer)
             got = predict_linear(fitted, x_test)  # (M, Hkv)
-            correlation[layer] = sum(spearman(got[:, h], want[:, h]) for h in range(n_kv)) / n_kv
+            correlation[layer] = held_out_spearman(got, want)
     return {"weights": weights, "trained": trained, "spearman": correlation}
 
 
-def _rows(
-    samples: list[dict[int, tuple[torch.Tensor, torch.Tensor]]], layer: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's (hidden states (N, F), log-scores (N, Hkv)) over ``samples``, without the pairs
-    the teacher keeps unconditionally (its sinks score +inf: there is nothing to learn there)."""
+#: one calibration window: per layer the teacher scores, (hidden states (T, F), scores (Hkv, T))
+Sample = dict[int, tuple[torch.Tensor, torch.Tensor]]
+
+
+def teacher_samples(
+    model: nn.Module,
+    tokenizer: Any,
+    texts: list[str],
+    n_sequences: int,
+    seq_len: int,
+    held_out: int,
+    seed: int,
+    teacher: str = "kvzip",
+) -> tuple[list[Sample], int]:
+    """The teacher's hidden states and scores over ``n_sequences`` windows of ``texts``, and how
+    many of the last ones to hold out (at least one is trained on): the data every surrogate fits."""
+    if teacher not in _TEACHERS:
+        raise KVTrimError(f"No teacher {teacher!r} to fit on (import kvtrim to register KVzip).")
+    seq_len = min(seq_len, max_context(model) // 2)  # KVzip needs room to repeat the context after it
+    windows = calibration_windows(tokenizer, texts, n_sequences, seq_len)
+    n_held = min(held_out, len(windows) - 1)
+    progress = tqdm(windows, desc="scoring calibration text with KVzip", unit="seq", file=sys.stderr)
+    return [_TEACHERS[teacher](model, tokenizer, text, seed + i) for i, text in enumerate(progress)], n_held
+
+
+def held_out_spearman(predicted: torch.Tensor, wanted: torch.Tensor) -> float:
+    """predicted, wanted (M, Hkv): rank correlation per head, averaged."""
+    return sum(spearman(predicted[:, h], wanted[:, h]) for h in range(wanted.shape[1])) / wanted.shape[1]
+
+
+def teacher_rows(samples: list[Sample], layer: int, log: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's (hidden states (N, F), log-scores (N, Hkv), or the scores themselves) over
+    ``samples``, without the pairs the teacher keeps unconditionally (its sinks score +inf:
+    there is nothing to learn there)."""
     xs, ys = [], []
     for sample in samples:
         hidden, scores = sample[layer]  # (T, F), (Hkv, T)
         finite = torch.isfinite(scores).all(dim=0)  # (T,)
         xs.append(hidden[finite].double())
-        ys.append(log_scores(scores[:, finite]).T)
+        kept = scores[:, finite]  # (Hkv, T')
+        ys.append((log_scores(kept) if log else kept.double()).T)
     return torch.cat(xs), torch.cat(ys)
 
 

@@ -7,7 +7,7 @@ import argparse
 from kvtrim.cli.common import MODEL_HELP, positive
 from kvtrim.core.files import read_text
 
-CALIBRATIONS = ("qfilters", "query-stats", "duo-heads", "kvzap", "all")
+CALIBRATIONS = ("qfilters", "query-stats", "duo-heads", "kvzap", "fastkvzip", "all")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -30,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="what to calibrate (repeatable; default: qfilters): "
         "qfilters, query-stats (expected-attention-calibrated), duo-heads (--budget duo), "
-        "kvzap (KVzap's predictor of KVzip scores) or all",
+        "kvzap (KVzap's predictor of KVzip scores), fastkvzip (Fast KVzip's gates) or all",
     )
 
 
@@ -61,11 +61,17 @@ def run(args: argparse.Namespace) -> int:
         fitted = calibration.load_or_fit_kvzap(model, tokenizer, **sizes)
         print(f"KVzap weights {tuple(fitted['weights'].shape)} saved to {calibration.kvzap_path(model)}")
         _report_fit(fitted)
+    if "fastkvzip" in wanted:
+        import kvtrim.strategies  # noqa: F401 - registers KVzip, the teacher the gates learn from
+
+        fitted = calibration.load_or_fit_fastkvzip(model, tokenizer, **sizes)
+        print(f"Fast KVzip gates {tuple(fitted['down'].shape)} saved to {calibration.fastkvzip_path(model)}")
+        _report_fit(fitted)
     return 0
 
 
 def _report_fit(fitted: dict) -> None:
-    """The held-out rank correlation of KVzap's predictions with KVzip's scores, per layer."""
+    """The held-out rank correlation of a surrogate's predictions with KVzip's scores, per layer."""
     trained = fitted["trained"]
     rho = fitted["spearman"][trained]
     if not len(rho) or bool(rho.isnan().all()):

@@ -11,6 +11,7 @@ from kvtrim.scorers.compactor import Compactor
 from kvtrim.scorers.critical import CriticalKV
 from kvtrim.scorers.cur import CUR
 from kvtrim.scorers.expected_attention import ExpectedAttention, ExpectedAttentionCalibrated
+from kvtrim.scorers.fastkvzip import FastKVzip
 from kvtrim.scorers.keydiff import KeyDiff
 from kvtrim.scorers.kvzap import KVzap
 from kvtrim.scorers.kvzip import KVzip
@@ -47,6 +48,7 @@ register(
     EntropyGatedChunkKV,
     KVzip,
     KVzap,
+    FastKVzip,
     CriticalKV,
 )
 
