@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 BENCH_EPILOG = """\
 Each context is prefilled once and every (method, ratio, budget) cell is derived from that
-prefill (bit-identical to compressing it alone); query-aware methods (snapkv-query-aware) get a
+prefill (bit-identical to compressing it alone); query-aware methods (snapkv-query-aware, finch) get a
 prefill of their own with the question. Ratio 0 and method 'none' are one cell ('none'),
 evaluated once per sample. Reports label non-uniform budgets as METHOD+BUDGET. Rows stream
 to OUT/results.jsonl; rerun the same command to resume an interrupted run (OUT/config.json

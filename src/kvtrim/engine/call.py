@@ -45,6 +45,8 @@ class LayerCall:
     cache: Any
     kwargs: dict[str, Any]
     projected: torch.Tensor | None  # (B, q, ≥ H·D) the query projection's output
+    #: the question's tokens at the end of this forward (query-aware compression), else 0
+    question_tokens: int = 0
 
     @property
     def q_len(self) -> int:
@@ -139,6 +141,7 @@ class LayerCall:
             output_weight=layer.output_weight,
             budget_keep=budget_keep,
             hidden_states=hidden_states,
+            question_length=self.question_tokens if query_positions is None else 0,
             rope_key=("rope", rotary.layer_type),
             rotation_cache=layer.rotations,
         )

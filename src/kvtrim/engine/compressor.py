@@ -31,11 +31,14 @@ class LayerHandler(Protocol):
 class Compressor:
     """Attaches to a model and hands every attention call it sees while attached to ``schedule``."""
 
-    def __init__(self, model: nn.Module, schedule: LayerHandler, seed: int = 0):
+    def __init__(self, model: nn.Module, schedule: LayerHandler, seed: int = 0, question_tokens: int = 0):
         check_supported(model)
         self.model = model
         self.schedule = schedule
         self.seed = seed
+        #: tokens of the question at the end of a one-shot prefill (query-aware compression), which
+        #: scorers see as ``LayerView.question_length``
+        self.question_tokens = question_tokens
         self.stats = CompressionStats()
         self._layers = hooked_layers(model)
         self._internals = layer_internals(model)
@@ -62,6 +65,15 @@ class Compressor:
             return
         internals = self._internals[idx]
         call = LayerCall(
-            self.model, self.stats, self.seed, self.n_layers, idx, internals, cache, kwargs, projected
+            self.model,
+            self.stats,
+            self.seed,
+            self.n_layers,
+            idx,
+            internals,
+            cache,
+            kwargs,
+            projected,
+            self.question_tokens if hidden.shape[1] > self.question_tokens else 0,  # not while decoding
         )
         self.schedule.on_forward(call)

@@ -55,6 +55,11 @@ def encode(tokenizer: Any, text: str, add_special_tokens: bool = False) -> list[
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
+def question_tokens(tokenizer: Any, layout: PromptLayout, question: str | None) -> int:
+    """How many tokens :func:`encode_context` appends for ``question`` (0 without one)."""
+    return 0 if question is None else len(encode(tokenizer, layout.question_prefix + question))
+
+
 def encode_context(
     model: Any,
     tokenizer: Any,

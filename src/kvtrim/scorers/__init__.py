@@ -12,6 +12,7 @@ from kvtrim.scorers.critical import CriticalKV
 from kvtrim.scorers.cur import CUR
 from kvtrim.scorers.expected_attention import ExpectedAttention, ExpectedAttentionCalibrated
 from kvtrim.scorers.fastkvzip import FastKVzip
+from kvtrim.scorers.finch import FINCH
 from kvtrim.scorers.keydiff import KeyDiff
 from kvtrim.scorers.kvzap import KVzap
 from kvtrim.scorers.kvzip import KVzip
@@ -35,6 +36,7 @@ register(
     StreamingLLM,
     SnapKV,
     SnapKVQueryAware,
+    FINCH,
     TOVA,
     ObservedAttention,
     KeyDiff,

@@ -32,6 +32,8 @@ class LayerView:
     hidden_states: (B, Tq, hidden) the layer's input (after its input norm) for the current
         forward's tokens, or None where the view's queries are not this forward's (decoding
         eviction). Lets a learned scorer (KVzap) predict each pair's score from what made it.
+    question_length: how many of the forward's last tokens are the question (query-aware
+        compression), 0 otherwise. Lets FINCH observe with exactly the question's queries.
     """
 
     layer_idx: int
@@ -49,6 +51,7 @@ class LayerView:
     output_weight: torch.Tensor | None = None
     budget_keep: int | None = None
     hidden_states: torch.Tensor | None = None
+    question_length: int = 0
     #: identifies the layer's RoPE (layers sharing it share rotations); None disables caching
     rope_key: Any = None
     #: shared across the layers of one compression, so R̄ is computed once, not once per layer

@@ -37,7 +37,7 @@ from kvtrim.core.stats import CompressionStats
 from kvtrim.engine.compressor import Compressor
 from kvtrim.generation import prefill
 from kvtrim.models.forward import new_cache
-from kvtrim.models.prompting import PromptLayout, encode_context
+from kvtrim.models.prompting import PromptLayout, encode_context, question_tokens
 from kvtrim.scorers.base import Scorer
 from kvtrim.sessions.session import Session
 from kvtrim.strategies.planner import budget_map, check_shared_scorers, needs_kvtrim_attention, scorer_map
@@ -153,7 +153,8 @@ def prefill_once(
     recorder = ScoreRecorder(
         {n: s for n, s in scorers.items() if not s.needs_reconstruction}, ratio_list, policies
     )
-    compressor = Compressor(model, recorder, seed=seed)
+    n_question = question_tokens(tokenizer, layout, question)
+    compressor = Compressor(model, recorder, seed=seed, question_tokens=n_question)
     cache = new_cache(model)
     with compressor.attached():
         _, total = prefill(model, cache, [ids])

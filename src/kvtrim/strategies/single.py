@@ -11,7 +11,7 @@ from kvtrim.engine.compressor import Compressor
 from kvtrim.generation import prefill
 from kvtrim.models.adapters import check_supported
 from kvtrim.models.forward import new_cache
-from kvtrim.models.prompting import PromptLayout, encode_context
+from kvtrim.models.prompting import PromptLayout, encode_context, question_tokens
 from kvtrim.sessions.session import Session
 from kvtrim.strategies.plan import Plan
 
@@ -30,7 +30,8 @@ def compress_single(
     """Prefill ``context`` (then ``question``, query-aware) with the plan's schedule attached."""
     check_supported(model)
     layout, ids = encode_context(model, tokenizer, context, use_chat_template, question)
-    compressor = Compressor(model, plan.schedule(len(ids)), seed=seed)
+    n_question = question_tokens(tokenizer, layout, question) if plan.spec.chunk_size is None else 0
+    compressor = Compressor(model, plan.schedule(len(ids)), seed=seed, question_tokens=n_question)
     plan.prepare(model, tokenizer)
     cache = new_cache(model)
     with compressor.attached():
