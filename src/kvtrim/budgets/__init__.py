@@ -5,6 +5,7 @@ from kvtrim.budgets.adaptive import AdaptiveBudget
 from kvtrim.budgets.base import Budget
 from kvtrim.budgets.duo import DuoBudget
 from kvtrim.budgets.layers import LayerRatiosBudget
+from kvtrim.budgets.lukv import LUKVBudget
 from kvtrim.budgets.pyramid import PyramidBudget
 from kvtrim.budgets.registry import BUDGETS, make_budget, register
 from kvtrim.budgets.simlayer import SimLayerBudget
@@ -20,6 +21,7 @@ register(
     ThresholdBudget,
     DuoBudget,
     SimLayerBudget,
+    LUKVBudget,
 )
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "AdaptiveBudget",
     "Budget",
     "DuoBudget",
+    "LUKVBudget",
     "LayerRatiosBudget",
     "PyramidBudget",
     "SimLayerBudget",

@@ -7,7 +7,7 @@ import argparse
 from kvtrim.cli.common import MODEL_HELP, positive
 from kvtrim.core.files import read_text
 
-CALIBRATIONS = ("qfilters", "query-stats", "duo-heads", "kvzap", "fastkvzip", "all")
+CALIBRATIONS = ("qfilters", "query-stats", "duo-heads", "kvzap", "fastkvzip", "lukv", "all")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -30,7 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="what to calibrate (repeatable; default: qfilters): "
         "qfilters, query-stats (expected-attention-calibrated), duo-heads (--budget duo), "
-        "kvzap (KVzap's predictor of KVzip scores), fastkvzip (Fast KVzip's gates) or all",
+        "kvzap (KVzap's predictor of KVzip scores), fastkvzip (Fast KVzip's gates), "
+        "lukv (LU-KV's budget curves, --budget lukv) or all",
     )
 
 
@@ -67,7 +68,20 @@ def run(args: argparse.Namespace) -> int:
         fitted = calibration.load_or_fit_fastkvzip(model, tokenizer, **sizes)
         print(f"Fast KVzip gates {tuple(fitted['down'].shape)} saved to {calibration.fastkvzip_path(model)}")
         _report_fit(fitted)
+    if "lukv" in wanted:
+        import kvtrim.strategies  # noqa: F401 - registers KVzip, whose scores are the utility
+
+        curves = calibration.load_or_compute_lukv(model, tokenizer, **sizes)["curves"]
+        print(f"LU-KV curves {tuple(curves.shape)} saved to {calibration.lukv_path(model)}")
+        _report_curves(curves)
     return 0
+
+
+def _report_curves(curves) -> None:
+    """What the curves do at ratio 0.5: the spread of the layers' shares."""
+    layers = curves[49].mean(-1)  # (L,) mean share kept per layer at ratio 0.5
+    shares = " ".join(f"{float(s):.2f}" for s in layers)
+    print(f"At ratio 0.5 the layers keep (mean over heads): {shares}")
 
 
 def _report_fit(fitted: dict) -> None:
