@@ -137,7 +137,7 @@ def test_decoding_eviction_errors(tokenizer):
         kvtrim.compress(model, tokenizer, text, "snapkv", 0.5, decode_budget=30)
     with pytest.raises(KVTrimError, match="cannot evict while decoding"):
         kvtrim.compress(model, tokenizer, text, "none", 0.0, decode_budget=30)
-    with pytest.raises(KVTrimError, match="uniform, tokens, pyramid and layers"):
+    with pytest.raises(KVTrimError, match="uniform, tokens, pyramid, layers and simlayer"):
         kvtrim.compress(model, tokenizer, text, "knorm", 0.5, budget="adaptive", decode_budget=30)
     with pytest.raises(KVTrimError, match="evict_every"):
         kvtrim.compress(model, tokenizer, text, "knorm", 0.5, decode_budget=8, evict_every=9)

@@ -108,9 +108,66 @@ def test_merging_while_decoding(llama, tok):
 
 def test_the_evicted_axis_is_checked():
     assert CompressionSpec.parse("knorm@0.5/evicted=drop") == CompressionSpec.parse("knorm@0.5")
-    with pytest.raises(KVTrimError, match="drop, merge"):
+    with pytest.raises(KVTrimError, match="drop, merge, cam"):
         CompressionSpec.parse("knorm@0.5/evicted=fold")
-    with pytest.raises(KVTrimError, match="drop, merge"):
+    with pytest.raises(KVTrimError, match="drop, merge, cam"):
         CompressionSpec(method="knorm", evicted="fold")
     with pytest.raises(KVTrimError, match="merging evicted pairs"):
         kvtrim.compress(make_model("llama"), make_tokenizer(), ["a b", "c d"], spec="knorm@0.5/evicted=merge")
+
+
+# ---------------------------------------------------------------- CaM, while decoding
+
+
+def slow_cam(values, keep, scores, draws, window):
+    """CaM per evicted pair with explicit loops: the next ``window`` kept pairs (the last ones when
+    fewer follow) each get value / window when the draw falls below min(1, s / mean s_window)."""
+    out = values.double().clone()
+    for b in range(keep.shape[0]):
+        for h in range(keep.shape[1]):
+            kept = [t for t in range(keep.shape[2]) if keep[b, h, t]]
+            for e in range(keep.shape[2]):
+                if keep[b, h, e]:
+                    continue
+                after = [t for t in kept if t > e]
+                targets = after[:window] if len(after) >= window else kept[-window:]
+                mean = sum(max(float(scores[b, h, t]), 0.0) for t in targets) / len(targets)
+                p = 0.0 if math.isinf(mean) else min(1.0, max(float(scores[b, h, e]), 0.0) / mean)
+                if float(draws[b, h, e]) < p:
+                    for t in targets:
+                        out[b, h, t] += values[b, h, e].double() / len(targets)
+    return out
+
+
+@pytest.mark.parametrize("window", [1, 4, 50])
+def test_cam_matches_the_slow_reference(window):
+    from kvtrim.cache.cam import cam_merge
+
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randn(2, 3, 30, 8, generator=gen)
+    scores = torch.rand(2, 3, 30, generator=gen)
+    scores[0, 0, 0] = torch.inf  # an always-kept sink: a window holding it merges nothing
+    keep = torch.rand(2, 3, 30, generator=gen) < 0.4
+    keep[..., 0] = True
+    got = cam_merge(values, keep, scores, torch.Generator().manual_seed(7), window)
+    draws = torch.rand(keep.shape, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(
+        got.double(), slow_cam(values, keep, scores, draws, window), rtol=1e-5, atol=1e-5
+    )
+    assert torch.equal(got[~keep], values[~keep])  # evicted rows as they were
+
+
+def test_cam_merges_while_decoding_reproducibly(llama, tok):
+    spec = "expected-attention@0.5/decode-budget=48/evict-every=8"  # scores: expected attention
+    context = sample_text(160)
+    dropped = kvtrim.compress(llama, tok, context, spec=spec)
+    cam = kvtrim.compress(llama, tok, context, spec=spec + "/evicted=cam")
+    first = cam.ask("Which word?", max_new_tokens=20)
+    dropped.ask("Which word?", max_new_tokens=20)
+    assert cam.stats.decode_evictions == dropped.stats.decode_evictions > 0
+    assert cam.ask("Which word?", max_new_tokens=20) == first  # the same draws each time
+    assert [layer.keys.shape for layer in cam.cache.layers] == [
+        layer.keys.shape for layer in dropped.cache.layers
+    ]
+    with pytest.raises(KVTrimError, match="evicted=cam merges at the evictions made while decoding"):
+        kvtrim.compress(llama, tok, context, spec="expected-attention@0.5/evicted=cam")

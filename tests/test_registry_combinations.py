@@ -36,6 +36,8 @@ SCHEDULES = {
     "batch": {},
     "merge": {"evicted": "merge"},
     "merge-decoding": {"evicted": "merge", "decode_budget": 48, "evict_every": 8},
+    "cam": {"evicted": "cam"},
+    "cam-decoding": {"evicted": "cam", "decode_budget": 48, "evict_every": 8},
     "rerotate": {"rerotate": True},
 }
 COMBINATIONS = [(s, b, sched) for s in SCORERS for b in BUDGETS for sched in SCHEDULES]
@@ -80,6 +82,8 @@ def expected_refusal(scorer: str, budget: str, schedule: str) -> str | None:
         return "Key re-rotation needs every layer and head to keep as many pairs"
     if schedule.endswith("decoding") and not policy.heads_alike:
         return "Decoding eviction works with"
+    if schedule == "cam":
+        return "evicted=cam merges at the evictions made while decoding"
     if cls.needs_reconstruction and policy.needs_view:
         return "budget decides from the prefill's attention"
     return None
@@ -122,7 +126,7 @@ def test_every_combination_runs_or_is_refused_clearly(scorer, budget, schedule, 
 def test_the_rules_refuse_something_on_every_axis():
     """The grid above reaches every rule: each kind of refusal happens at least once."""
     reasons = {expected_refusal(*combo) for combo in COMBINATIONS} - {None}
-    assert len(reasons) == 12
+    assert len(reasons) == 13
 
 
 def test_generate_refuses_what_it_cannot_do(llama):

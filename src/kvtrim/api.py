@@ -121,7 +121,8 @@ def compress(
     :data:`kvtrim.core.spec.DEFAULT_SPEC`) and its ``options``, ``ratio`` (fraction evicted, in
     [0, 1)), ``budget`` and ``budget_options``, ``chunk_size`` (compress after every chunk of the prefill),
     ``decode_budget`` / ``evict_every`` (keep evicting while answering), ``key_channels`` (ThinK),
-    ``evicted`` (``"drop"``, or ``"merge"`` the evicted values into their kept neighbours),
+    ``evicted`` (``"drop"``, ``"merge"`` the evicted values into their kept neighbours, or
+    ``"cam"``: CaM's merging at every eviction while decoding),
     ``rerotate`` (move the kept keys to positions 0..K−1; the question continues at K).
     A list of contexts gives a :class:`~kvtrim.BatchSession`, each context keeping what it would
     keep alone. ``question=q`` compresses the question with the context (query-aware): the session

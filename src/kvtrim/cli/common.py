@@ -139,8 +139,9 @@ def add_compression_arguments(parser: argparse.ArgumentParser) -> None:
         "--evicted",
         choices=EVICTED,
         default=None,
-        help="what becomes of evicted pairs: drop them (default) or merge their values into the most "
-        "similar kept pair",
+        help="what becomes of evicted pairs: drop them (default), merge their values into the most "
+        "similar kept pair, or cam: while decoding, spread them over the next kept pairs (CaM; "
+        "needs --decode-budget)",
     )
     parser.add_argument(
         "--rerotate",

@@ -13,7 +13,7 @@ and a serialisable, hashable identity::
     knorm@0.5/rerotate                                 kept keys moved to positions 0..K-1
 
 Grammar: ``SCORER[@RATIO][+BUDGET](/PART)*``. SCORER and BUDGET are ``NAME(:KEY=VALUE)*``; a PART is
-``chunk=N``, ``decode-budget=N``, ``evict-every=K``, ``key-channels=R``, ``evicted=drop|merge``,
+``chunk=N``, ``decode-budget=N``, ``evict-every=K``, ``key-channels=R``, ``evicted=drop|merge|cam``,
 ``rerotate`` or ``query-aware`` (the ``kvtrim ask`` flags of the same names). A value is
 ``true``/``false``/``none``, a number, a bare word, or JSON (a quoted string, a list, an object)
 when it holds any other character.
@@ -41,8 +41,9 @@ DEFAULT_SPEC = "lagkv@0.5"
 DEFAULT_METHOD = DEFAULT_SPEC.split("@")[0].split(":")[0]  # a bare CompressionSpec()'s method
 DEFAULT_RATIO = 0.5
 DEFAULT_EVICT_EVERY = 16
-#: what becomes of evicted pairs: dropped, or their values folded into kept ones (kvtrim.cache.merge)
-EVICTED = ("drop", "merge")
+#: what becomes of evicted pairs: dropped, or their values folded into kept ones (kvtrim.cache.merge),
+#: or — while decoding — spread over the next kept ones by CaM's rule (kvtrim.cache.cam)
+EVICTED = ("drop", "merge", "cam")
 Options = tuple[tuple[str, Any], ...]
 
 _BARE = re.compile(r"[A-Za-z0-9_.\-]+")
@@ -365,7 +366,9 @@ def _part(part: str, text: str) -> dict[str, Any]:
             )
         return {name: value.strip()}
     if key not in _PARTS or not sep:
-        known = ", ".join([*(f"{k}=..." for k in _PARTS), "evicted=drop|merge", "rerotate", "query-aware"])
+        known = ", ".join(
+            [*(f"{k}=..." for k in _PARTS), "evicted=drop|merge|cam", "rerotate", "query-aware"]
+        )
         raise KVTrimError(f"Unknown part {part!r} in spec {text!r}; parts are {known}.")
     name, kind = _PARTS[key]
     return {name: kind(_number(value, key, text))}

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from kvtrim.cache.cam import cam_merge
 from kvtrim.cache.keep import gather_positions, keep_mask
 from kvtrim.cache.merge import merge_evicted
 from kvtrim.core.selection import top_indices
@@ -37,10 +38,13 @@ class DecodingSchedule(Schedule):
         tokens: int,
         every: int = 16,
         query_window: int = 32,
-        merge: bool = False,
+        evicted: str = "drop",
     ):
         self.prefill, self.scorer, self.positions = prefill, scorer, positions
-        self.merge = merge  # fold evicted values into kept ones (kvtrim.cache.merge)
+        #: "drop", "merge" (kvtrim.cache.merge) or "cam" (kvtrim.cache.cam) at every eviction
+        self.evicted = evicted
+        #: layer -> evictions so far while decoding (seeds CaM's draws: the same run, the same merges)
+        self.evictions: dict[int, int] = {}
         self.tokens, self.every, self.query_window = tokens, every, query_window
         #: layer -> (projected queries (B, W, H·D), their positions (W,)): what scorers see
         self.recent: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -61,12 +65,13 @@ class DecodingSchedule(Schedule):
     def finish(self, cache: Any, n_tokens: int, stats: CompressionStats) -> CompressionStats:
         return self.prefill.finish(cache, n_tokens, stats)
 
-    def snapshot(self) -> tuple[dict, dict]:
-        """What decoding changes (positions, recent queries), to put back with :meth:`restore`."""
-        return dict(self.positions.positions), dict(self.recent)
+    def snapshot(self) -> tuple[dict, dict, dict]:
+        """What decoding changes (positions, recent queries, eviction counts), to put back with
+        :meth:`restore`."""
+        return dict(self.positions.positions), dict(self.recent), dict(self.evictions)
 
-    def restore(self, state: tuple[dict, dict]) -> None:
-        self.positions.positions, self.recent = dict(state[0]), dict(state[1])
+    def restore(self, state: tuple[dict, dict, dict]) -> None:
+        self.positions.positions, self.recent, self.evictions = (dict(part) for part in state)
 
     def _compress_prefill(self, call: LayerCall) -> None:
         if call.projected is not None:
@@ -96,9 +101,15 @@ class DecodingSchedule(Schedule):
         view = call.view(
             keys, values, key_positions, projected=recent, query_positions=positions, budget_keep=self.target
         )
-        chosen = top_indices(self.scorer.score(view), self.target)  # (B, Hkv, K)
-        if self.merge:
+        scores = self.scorer.score(view)  # (B, Hkv, T)
+        chosen = top_indices(scores, self.target)  # (B, Hkv, K)
+        count = self.evictions.get(call.idx, 0)
+        self.evictions[call.idx] = count + 1
+        if self.evicted == "merge":
             values = merge_evicted(keys, values, keep_mask(chosen, keys.shape[-2]))  # (B, Hkv, T, D)
+        elif self.evicted == "cam":
+            draws = torch.Generator().manual_seed(call.seed * 1_000_003 + call.idx * 10_007 + count)
+            values = cam_merge(values, keep_mask(chosen, keys.shape[-2]), scores, draws)  # (B, Hkv, T, D)
         layer.keys = gather_positions(keys, chosen)
         layer.values = gather_positions(values, chosen)
         self.positions.remember(call.idx, keys, key_positions, chosen)

@@ -59,7 +59,7 @@ class Plan:
             positions,
             spec.decode_budget,
             spec.evict_every,
-            merge=spec.evicted == "merge",
+            evicted=spec.evicted,
         )
 
     def session(

@@ -52,6 +52,11 @@ def plan(
         check_decoding(scorer, policy)
     if spec.rerotate:
         check_rerotate(spec, scorer, policy)
+    if spec.evicted == "cam" and spec.decode_budget is None:
+        raise KVTrimError(
+            "evicted=cam merges at the evictions made while decoding: give a decoding budget "
+            "(decode-budget=N); for the prefill's eviction use evicted=merge."
+        )
     if scorer.needs_reconstruction and policy.needs_view:
         raise KVTrimError(
             f"The {policy.name!r} budget decides from the prefill's attention, which {scorer.name!r} "
