@@ -82,6 +82,8 @@ def expected_refusal(scorer: str, budget: str, schedule: str) -> str | None:
         return "Key re-rotation needs every layer and head to keep as many pairs"
     if schedule.endswith("decoding") and not policy.heads_alike:
         return "Decoding eviction works with"
+    if policy.spans_layers and (schedule.endswith("decoding") or schedule == "key-channels"):
+        return "evicts every layer at once after the prefill"
     if schedule == "cam":
         return "evicted=cam merges at the evictions made while decoding"
     if cls.needs_reconstruction and policy.needs_view:
@@ -126,7 +128,7 @@ def test_every_combination_runs_or_is_refused_clearly(scorer, budget, schedule, 
 def test_the_rules_refuse_something_on_every_axis():
     """The grid above reaches every rule: each kind of refusal happens at least once."""
     reasons = {expected_refusal(*combo) for combo in COMBINATIONS} - {None}
-    assert len(reasons) == 13
+    assert len(reasons) == 14
 
 
 def test_generate_refuses_what_it_cannot_do(llama):

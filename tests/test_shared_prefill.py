@@ -48,9 +48,10 @@ def test_shared_prefill_cells_equal_single_runs(model, tokenizer):
             assert_same_session(alone, shared.session(method, ratio))
 
 
-@pytest.mark.parametrize("budget", ["pyramid", "adaptive"])
+@pytest.mark.parametrize("budget", ["pyramid", "adaptive", "kvcompose"])
 def test_shared_prefill_cells_equal_single_runs_for_each_budget(model, tokenizer, budget):
-    """Per-layer (pyramid) and ragged per-head (adaptive) budgets, from the same recorded scores."""
+    """Per-layer (pyramid), ragged per-head (adaptive) and all-layers-at-once (kvcompose) budgets,
+    from the same recorded scores."""
     context = sample_text(240)
     methods = ["knorm", "snapkv", "none"]
     shared = prefill_once(model, tokenizer, context, methods, [0.0, 0.5], budgets=["uniform", budget])
@@ -65,7 +66,11 @@ def test_shared_prefill_cells_equal_single_runs_for_each_budget(model, tokenizer
                 assert_same_session(alone, cell)
                 n_ragged += sum(isinstance(layer, RaggedLayer) for layer in cell.cache.layers)
     pyramid = shared.session("knorm", 0.5, "pyramid") if budget == "pyramid" else None
-    if pyramid is not None:  # lower layers keep more than upper ones
+    if budget == "kvcompose":  # the layers split the uniform total between them
+        composed, uniform = shared.session("snapkv", 0.5, budget), shared.session("snapkv", 0.5)
+        assert len(set(composed.stats.per_layer_kept)) > 1
+        assert sum(composed.stats.per_layer_kept) == sum(uniform.stats.per_layer_kept)
+    elif pyramid is not None:  # lower layers keep more than upper ones
         layers = pyramid.cache.layers
         kept = [
             k for layer, k in zip(layers, pyramid.stats.per_layer_kept, strict=True) if not layer.is_sliding

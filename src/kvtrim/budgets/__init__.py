@@ -4,6 +4,7 @@
 from kvtrim.budgets.adaptive import AdaptiveBudget
 from kvtrim.budgets.base import Budget
 from kvtrim.budgets.duo import DuoBudget
+from kvtrim.budgets.kvcompose import KVComposeBudget
 from kvtrim.budgets.layers import LayerRatiosBudget
 from kvtrim.budgets.lukv import LUKVBudget
 from kvtrim.budgets.pyramid import PyramidBudget
@@ -22,6 +23,7 @@ register(
     DuoBudget,
     SimLayerBudget,
     LUKVBudget,
+    KVComposeBudget,
 )
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "AdaptiveBudget",
     "Budget",
     "DuoBudget",
+    "KVComposeBudget",
     "LUKVBudget",
     "LayerRatiosBudget",
     "PyramidBudget",

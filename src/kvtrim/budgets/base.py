@@ -30,6 +30,9 @@ class Budget:
     #: the choice needs the layer itself (its queries and keys), not only the scores: the engine
     #: then calls :meth:`select_seen` with the scorer's ``LayerView`` (SimLayerKV's lazy layers)
     needs_view: ClassVar[bool] = False
+    #: the choice weighs every layer's scores together (KVCompose's global budget): the layers are
+    #: scored during the prefill and evicted once all are, through :meth:`select_layers`
+    spans_layers: ClassVar[bool] = False
 
     def setup(self, model: torch.nn.Module, tokenizer: Any) -> None:
         """Prepare model-specific data once (e.g. a calibrated head split); default: nothing."""
@@ -43,6 +46,11 @@ class Budget:
     ) -> torch.Tensor:
         """:meth:`select` for a budget that ``needs_view``; ``view`` is the layer's ``LayerView``."""
         return self.select(scores, layer_idx, n_layers, ratio)
+
+    def select_layers(self, scores: dict[int, torch.Tensor], ratio: float) -> dict[int, torch.Tensor]:
+        """For a budget that ``spans_layers``: every scored layer's scores (B, Hkv, T_l) -> its
+        choice, as :meth:`select` would give it."""
+        raise NotImplementedError
 
     def evicts(self, n_tokens: int, ratio: float) -> bool:
         """False when this budget keeps everything (the engine then skips scoring)."""

@@ -12,7 +12,8 @@ import torch
 from kvtrim.budgets.base import Budget
 from kvtrim.cache.channels import key_channel_norms, prune_channels
 from kvtrim.cache.keep import keep_selected
-from kvtrim.cache.layers import layer_bytes, layer_heads
+from kvtrim.cache.layers import is_sliding as layer_is_sliding
+from kvtrim.cache.layers import layer_bytes, layer_heads, layer_tokens
 from kvtrim.core.stats import CompressionStats
 from kvtrim.engine.call import LayerCall
 from kvtrim.models.adapters import queries_from_projection
@@ -47,6 +48,13 @@ class Selector:
                 raise RuntimeError(f"the {self.budget.name!r} budget needs the layer's view")
             return self.budget.select_seen(scores, view, idx, n_layers, self.ratio)
         return self.budget.select(scores, idx, n_layers, self.ratio)
+
+    def select_all(self, scores: dict[int, torch.Tensor], n_layers: int) -> dict[int, torch.Tensor]:
+        """Every scored layer's choice from its scores (B, Hkv, T_l): together for a budget that
+        spans layers, one by one otherwise."""
+        if self.budget.spans_layers:
+            return self.budget.select_layers(scores, self.ratio)
+        return {idx: self.select(layer_scores, idx, n_layers) for idx, layer_scores in scores.items()}
 
     def choose(self, view: LayerView, n_layers: int) -> torch.Tensor:
         return self.select(self.scorer.score(view), view.layer_idx, n_layers, view)
@@ -118,6 +126,28 @@ def keep_choice(
             key_positions = torch.arange(seq, device=keys.device)  # (T,)
         positions.remember(idx, keys, key_positions, kept.indices)
     stats.add_layer(bytes_before, layer_bytes(kept.layer), seq, kept.per_head, layer_heads(kept.layer))
+
+
+def evict_by_scores(
+    cache: Any, scores: dict[int, torch.Tensor], selector: Selector, stats: CompressionStats
+) -> None:
+    """Keep ``selector``'s choice among every scored layer's pairs, counting each layer in ``stats``
+    (a layer not scored, sliding or keeping everything, counts as kept whole)."""
+    n_layers = len(cache.layers)
+    evicting = {
+        idx: layer_scores
+        for idx, layer_scores in scores.items()
+        if not layer_is_sliding(cache.layers[idx]) and selector.evicts(layer_tokens(cache.layers[idx]))
+    }
+    chosen = selector.select_all(evicting, n_layers) if evicting else {}
+    for idx, layer in enumerate(cache.layers):
+        seq = layer_tokens(layer)
+        if not layer_is_sliding(layer):
+            stats.layers_compressed += 1
+        if idx not in chosen:
+            stats.add_layer(layer_bytes(layer), layer_bytes(layer), seq, seq, layer_heads(layer))
+            continue
+        keep_choice(cache, idx, chosen[idx], stats, merge=selector.merge)
 
 
 def rerotate_keys(call: LayerCall, positions: PositionTracker) -> None:

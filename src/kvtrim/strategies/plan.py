@@ -14,7 +14,7 @@ from kvtrim.core.spec import CompressionSpec
 from kvtrim.core.stats import CompressionStats
 from kvtrim.engine.eviction import PositionTracker, Selector
 from kvtrim.models.prompting import PromptLayout
-from kvtrim.schedules import AfterPrefill, Chunked, DecodingSchedule, Schedule
+from kvtrim.schedules import AcrossLayers, AfterPrefill, Chunked, DecodingSchedule, Schedule
 from kvtrim.scorers.base import Scorer
 from kvtrim.sessions.session import Session
 
@@ -46,6 +46,8 @@ class Plan:
         positions = PositionTracker() if evicts_again else None
         if spec.chunk_size is not None:
             prefill: Schedule = Chunked(selector, positions)
+        elif self.budget.spans_layers:
+            prefill = AcrossLayers(selector)
         else:
             prefill = AfterPrefill(
                 selector, positions, key_channels=spec.key_channels, rerotate=spec.rerotate

@@ -52,6 +52,8 @@ def plan(
         check_decoding(scorer, policy)
     if spec.rerotate:
         check_rerotate(spec, scorer, policy)
+    if policy.spans_layers:
+        check_spans_layers(spec, policy)
     if spec.evicted == "cam" and spec.decode_budget is None:
         raise KVTrimError(
             "evicted=cam merges at the evictions made while decoding: give a decoding budget "
@@ -150,6 +152,15 @@ def check_rerotate(spec: CompressionSpec, scorer: Scorer, budget: Budget) -> Non
         raise KVTrimError(
             f"Key re-rotation needs every layer and head to keep as many pairs: the {_budget_names(_dense)} "
             f"budgets, not {budget.name!r}."
+        )
+
+
+def check_spans_layers(spec: CompressionSpec, budget: Budget) -> None:
+    """A budget weighing all layers together evicts once, after the whole prefill was scored."""
+    if spec.decode_budget is not None or spec.key_channels:
+        raise KVTrimError(
+            f"The {budget.name!r} budget evicts every layer at once after the prefill; it does not "
+            "combine with decoding eviction or key channels."
         )
 
 

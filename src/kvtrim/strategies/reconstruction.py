@@ -29,12 +29,12 @@ from kvtrim.attention import enable
 from kvtrim.attention.dense import keeping_log_sum_exp
 from kvtrim.budgets.base import Budget
 from kvtrim.budgets.uniform import UniformBudget
-from kvtrim.cache.layers import cache_bytes, is_sliding, layer_bytes, layer_heads, layer_tokens
+from kvtrim.cache.layers import cache_bytes, is_sliding, layer_tokens
 from kvtrim.cache.snapshot import CacheSnapshot
 from kvtrim.core.stats import CompressionStats
 from kvtrim.engine.call import LayerCall
 from kvtrim.engine.compressor import Compressor
-from kvtrim.engine.eviction import Selector, keep_choice
+from kvtrim.engine.eviction import Selector, evict_by_scores
 from kvtrim.generation import prefill
 from kvtrim.models.adapters import check_supported, max_context
 from kvtrim.models.forward import forward, new_cache
@@ -104,21 +104,6 @@ def score_by_reconstruction(
     return recorder.scores, max(peak, compressor.stats.kv_bytes_peak)
 
 
-def evict_by_scores(
-    cache: Any, scores: Mapping[int, torch.Tensor], selector: Selector, stats: CompressionStats
-):
-    """Keep ``selector``'s choice among every full-attention layer's scored pairs, counting each layer."""
-    n_layers = len(cache.layers)
-    for idx, layer in enumerate(cache.layers):
-        seq = layer_tokens(layer)
-        if not is_sliding(layer):
-            stats.layers_compressed += 1
-        if is_sliding(layer) or idx not in scores or not selector.evicts(seq):
-            stats.add_layer(layer_bytes(layer), layer_bytes(layer), seq, seq, layer_heads(layer))
-            continue
-        keep_choice(cache, idx, selector.select(scores[idx], idx, n_layers), stats, merge=selector.merge)
-
-
 def reconstruction_choices(
     model: nn.Module,
     tokenizer: Any,
@@ -142,12 +127,11 @@ def reconstruction_choices(
     for ratio in ratios:
         for budget_name, budget in policies.items():
             selector = Selector(scorer, budget, ratio)
-            cells[(ratio, budget_name)] = [
-                selector.select(scores[idx], idx, n_layers)
-                if selector.evicts(layer_tokens(cache.layers[idx]))
-                else None
-                for idx in full_layers
-            ]
+            evicting = {
+                idx: scores[idx] for idx in full_layers if selector.evicts(layer_tokens(cache.layers[idx]))
+            }
+            chosen = selector.select_all(evicting, n_layers) if evicting else {}
+            cells[(ratio, budget_name)] = [chosen.get(idx) for idx in full_layers]
     return cells
 
 

@@ -53,6 +53,9 @@ class ScoreRecorder(Schedule):
         }
         self.score_s: dict[str, float] = dict.fromkeys(self.scorers, 0.0)
         self.select_s: dict[Cell, float] = dict.fromkeys(self.kept, 0.0)
+        #: cells whose budget weighs all layers together: layer -> scores, chosen in :meth:`settle`
+        self.deferred: dict[Cell, dict[int, torch.Tensor]] = {}
+        self.n_layers = 0
 
     def takes(self, call: LayerCall) -> bool:
         return call.is_first_forward
@@ -102,10 +105,30 @@ class ScoreRecorder(Schedule):
                     choices[cell] = self._select(call, cell, selector, view, scores, seq)
         return choices
 
+    def settle(self) -> None:
+        """Choose the cells deferred to the end of the prefill (budgets spanning layers)."""
+        for cell, scores in self.deferred.items():
+            start = time.perf_counter()
+            budget = self.budgets[cell.budget]
+            chosen = Selector(self.scorers[cell.method], budget, cell.ratio).select_all(scores, self.n_layers)
+            self.kept[cell] = [chosen[c.idx] if isinstance(c, _Deferred) else c for c in self.kept[cell]]
+            self.select_s[cell] += time.perf_counter() - start
+        self.deferred = {}
+
     def _select(
         self, call: LayerCall, cell: Cell, selector: Selector, view: LayerView, scores: Any, seq: int
-    ) -> torch.Tensor:
+    ) -> Any:
+        """The cell's choice for this layer: (B, Hkv, K) indices or a (B, Hkv, T) mask, or a
+        :class:`_Deferred` stand-in for a budget spanning layers."""
         start = time.perf_counter()
+        self.n_layers = call.n_layers
+        if selector.budget.spans_layers:  # chosen with every layer's scores, once all are in
+            if self.padding is not None:
+                raise KVTrimError(f"The {cell.budget!r} budget compresses one context at a time.")
+            if scores is None:
+                scores = selector.scorer.score(view)  # (B, Hkv, T)
+            self.deferred.setdefault(cell, {})[call.idx] = scores
+            return _Deferred(call.idx)
         if selector.scorer.uses_budget:  # its scores depend on the cell's kept count: rescore
             keep = selector.layer_keep(seq, call.idx, call.n_layers)
             scores = selector.scorer.score(dataclasses.replace(view, budget_keep=keep))  # (B, Hkv, T)
@@ -114,3 +137,10 @@ class ScoreRecorder(Schedule):
         chosen = selector.select(scores, call.idx, call.n_layers, view)
         self.select_s[cell] += time.perf_counter() - start
         return chosen
+
+
+@dataclasses.dataclass(frozen=True)
+class _Deferred:
+    """Stands in a cell's list for layer ``idx``'s choice until :meth:`ScoreRecorder.settle`."""
+
+    idx: int

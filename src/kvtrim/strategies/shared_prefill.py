@@ -158,6 +158,7 @@ def prefill_once(
     cache = new_cache(model)
     with compressor.attached():
         _, total = prefill(model, cache, [ids])
+    recorder.settle()
     kept, score_s = recorder.kept, recorder.score_s
     for name, scorer in scorers.items():
         if scorer.needs_reconstruction:  # KVzip: one reconstruction of the full cache for all its cells
