@@ -65,6 +65,21 @@ def test_threshold_keeps_scores_above_tau_and_never_empties_a_head():
     assert mask.tolist() == [[[False, True, True], [False, False, True]]]
 
 
+def test_threshold_with_a_window_keeps_the_latest_pairs_too():
+    scores = torch.tensor([[[0.9, 0.1, 0.2, 0.1], [0.1, 0.1, 0.1, 0.6]]])
+    mask = ThresholdBudget(0.5, window=2).select(scores, 0, 1, 0.0)
+    assert mask.tolist() == [[[True, False, True, True], [False, False, True, True]]]
+    with pytest.raises(kvtrim.KVTrimError, match="window must be >= 0"):
+        make_budget("threshold:threshold=0.5:window=-1")
+
+
+def test_the_cli_names_every_registered_budget():
+    from kvtrim.budgets import BUDGETS
+    from kvtrim.cli.common import BUDGET_NAMES
+
+    assert sorted(BUDGET_NAMES) == sorted(BUDGETS)
+
+
 def test_unknown_budget():
     with pytest.raises(kvtrim.KVTrimError, match="Unknown budget"):
         make_budget("nope")

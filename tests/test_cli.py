@@ -232,5 +232,5 @@ def test_methods_json_lists_every_method_and_budget_with_options():
     assert [b["name"] for b in listing["budgets"]] == list(BUDGETS)
     ea = next(m for m in listing["methods"] if m["name"] == "expected-attention")
     assert ea["options"]["epsilon"] == 0.0 and ea["paper"].startswith("arXiv")
-    assert listing["evicted"] == ["drop", "merge"]
+    assert listing["evicted"] == ["drop", "merge", "cam"]
     assert {u["name"] for u in listing["unavailable"]} == {"restorekv", "dms"}

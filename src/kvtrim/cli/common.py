@@ -73,6 +73,21 @@ def depth(text: str) -> float:
     return value
 
 
+#: the registered budgets, named here so that ``--help`` loads no torch (a test keeps them in step)
+BUDGET_NAMES = (
+    "uniform",
+    "tokens",
+    "pyramid",
+    "layers",
+    "adaptive",
+    "threshold",
+    "duo",
+    "simlayer",
+    "lukv",
+    "kvcompose",
+)
+
+
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--method",
@@ -97,7 +112,7 @@ def add_compression_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--budget",
         default=None,
-        help="how many pairs each layer and head keeps: uniform, tokens, pyramid, adaptive, threshold, duo, "
+        help="how many pairs each layer and head keeps: " + ", ".join(BUDGET_NAMES) + "; "
         "options as name:key=value (default uniform, or the default compression's with no --method; "
         "see `kvtrim methods`)",
     )
