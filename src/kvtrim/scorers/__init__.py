@@ -14,6 +14,7 @@ from kvtrim.scorers.expected_attention import ExpectedAttention, ExpectedAttenti
 from kvtrim.scorers.fastkvzip import FastKVzip
 from kvtrim.scorers.finch import FINCH
 from kvtrim.scorers.keydiff import KeyDiff
+from kvtrim.scorers.kvgrad import KVgrad
 from kvtrim.scorers.kvzap import KVzap
 from kvtrim.scorers.kvzip import KVzip
 from kvtrim.scorers.lagkv import LagKV
@@ -49,6 +50,7 @@ register(
     ChunkKV,
     EntropyGatedChunkKV,
     KVzip,
+    KVgrad,
     KVzap,
     FastKVzip,
     CriticalKV,

@@ -120,6 +120,10 @@ class Scorer:
     needs_reconstruction: ClassVar[bool] = False
     #: True when the scores depend on ``LayerView.budget_keep`` (so a shared prefill rescores per ratio)
     uses_budget: ClassVar[bool] = False
+    #: True when a reconstruction scorer weighs attention by the gradient of the reconstruction's
+    #: log-likelihood (KVgrad): before each reconstruction forward the strategy runs a backward
+    #: pass and sets ``output_gradients`` (layer -> (B, H, q) norms per head and query)
+    needs_output_gradients: ClassVar[bool] = False
 
     def setup(self, model: torch.nn.Module, tokenizer: Any) -> None:
         """Prepare model-specific data once (e.g. calibration); default: nothing."""

@@ -68,6 +68,12 @@ class KVzip(Scorer):
         ``max_tokens`` is the room left in the model's window after the context; chunks shrink
         to fit it.
         """
+        return [ids for ids, _ in self.reconstruction_chunks(tokenizer, layout, context, max_tokens)]
+
+    def reconstruction_chunks(
+        self, tokenizer: Any, layout: PromptLayout, context: str, max_tokens: int
+    ) -> list[tuple[list[int], int]]:
+        """Each reconstruction forward's ids and how many of its last tokens are context to repeat."""
         ids = encode(tokenizer, context)
         first = encode(tokenizer, layout.question_prefix + self.prompt)
         later = encode(tokenizer, layout.question_prefix + self.continue_prompt)
@@ -80,10 +86,10 @@ class KVzip(Scorer):
                 "model's window, too few; shorten the context or use another method."
             )
         chunks = [ids[start : start + size] for start in range(0, len(ids), size)]
-        inputs = [first + suffix + chunks[0]]
+        inputs = [(first + suffix + chunks[0], len(chunks[0]))]
         for previous, chunk in zip(chunks, chunks[1:], strict=False):
             restated = previous[-self.overlap :] if self.overlap else []
-            inputs.append(later + restated + suffix + chunk)
+            inputs.append((later + restated + suffix + chunk, len(chunk)))
         return inputs
 
     def score_reconstruction(self, view: LayerView, lse: torch.Tensor | None, n_context: int) -> torch.Tensor:

@@ -43,6 +43,7 @@ from kvtrim.schedules import AfterPrefill, Schedule
 from kvtrim.scorers.base import Scorer
 from kvtrim.scorers.simple import NoEviction
 from kvtrim.sessions.session import Session
+from kvtrim.strategies.output_gradients import output_gradient_norms
 from kvtrim.strategies.plan import Plan
 
 
@@ -87,21 +88,38 @@ def score_by_reconstruction(
 ) -> tuple[dict[int, torch.Tensor], int]:
     """Per full-attention layer, the scores (B, Hkv, T) of its cached context pairs, and the
     largest cache (bytes) held meanwhile. ``cache`` holds the uncompressed context and is left so."""
-    inputs = scorer.reconstruction_inputs(tokenizer, layout, context, max_context(model) - context_length)
+    room = max_context(model) - context_length
+    if scorer.needs_output_gradients:
+        chunks = scorer.reconstruction_chunks(tokenizer, layout, context, room)
+    else:
+        chunks = [(ids, 0) for ids in scorer.reconstruction_inputs(tokenizer, layout, context, room)]
     enable(model)  # kvtrim's attention (sdpa's kernel) is what can hand over the log-sum-exp
     recorder = ReconstructionRecorder(scorer, context_length)
     compressor = Compressor(model, recorder, seed=seed)
     snapshot = CacheSnapshot.take(cache)
     peak = cache_bytes(cache)
+    gradients = [  # KVgrad: ‖∂Φ/∂a‖ of every input, each from its own pass before any is scored
+        output_gradient_norms(model, cache, ids, _positions(context_length, ids), n_targets)
+        if scorer.needs_output_gradients
+        else None
+        for ids, n_targets in chunks
+    ]
     with keeping_log_sum_exp() as recorder.lse, compressor.attached():
-        for ids in inputs:
-            positions = torch.arange(context_length, context_length + len(ids))[None]  # (1, q)
+        for (ids, _), grads in zip(chunks, gradients, strict=True):
+            positions = _positions(context_length, ids)  # (1, q)
+            if grads is not None:
+                scorer.output_gradients = grads
             try:
                 forward(model, [ids], positions, cache)
                 peak = max(peak, cache_bytes(cache))
             finally:
                 snapshot.restore(cache)  # drop the reconstruction tokens' K/V
     return recorder.scores, max(peak, compressor.stats.kv_bytes_peak)
+
+
+def _positions(context_length: int, ids: list[int]) -> torch.Tensor:
+    """(1, q) positions of a reconstruction input fed right after the context."""
+    return torch.arange(context_length, context_length + len(ids))[None]
 
 
 def reconstruction_choices(
