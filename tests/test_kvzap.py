@@ -127,3 +127,16 @@ def test_calibrate_cli_reports_the_fit(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "KVzap weights (3, 65, 2)" in result.stdout
     assert "Held-out Spearman with KVzip: mean" in result.stdout
+
+
+def test_surrogates_calibrate_on_prose_and_records_taken_in_turn(tok):
+    from kvtrim.calibration.corpus import calibration_windows, surrogate_texts
+    from kvtrim.calibration.records import record_text
+
+    assert record_text() == record_text() and sum(c.isdigit() for c in record_text()) > 10_000
+    texts = surrogate_texts()
+    assert texts[-1] == record_text() and len(texts) == 3
+    a, b = sample_text(2000, seed=1), sample_text(300, seed=2)  # b holds one window
+    windows = calibration_windows(tok, [a, b], 4, 200)
+    assert [w in a for w in windows] == [True, False, True, True]  # a, b, a, a: each text in turn
+    assert windows[1] in b

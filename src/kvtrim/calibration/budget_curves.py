@@ -19,12 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from kvtrim.calibration.corpus import bundled_texts
+from kvtrim.calibration.corpus import surrogate_texts
 from kvtrim.calibration.store import artefact_path, load_or_compute
 from kvtrim.calibration.surrogates import Sample, teacher_samples
 from kvtrim.models.adapters import text_config
 
-LUKV_VERSION = 1
+LUKV_VERSION = 2  # 2: fitted on prose and generated records, windows taken from each text in turn
 #: the ratios a curve is given at: 0.01, 0.02, ..., 0.99
 RATIO_GRID = torch.arange(1, 100, dtype=torch.float64) / 100
 
@@ -74,7 +74,7 @@ def load_or_compute_lukv(
         LUKV_VERSION,
         "LU-KV's budget curves",
         "kvtrim calibrate --what lukv",
-        lambda: compute_lukv_curves(model, tokenizer, texts or bundled_texts(), **kwargs),
+        lambda: compute_lukv_curves(model, tokenizer, texts or surrogate_texts(), **kwargs),
         tokenizer,
         cached=not refresh and texts is None,
     )

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from kvtrim.calibration.corpus import bundled_texts
+from kvtrim.calibration.corpus import surrogate_texts
 from kvtrim.calibration.store import artefact_path, load_or_compute
 from kvtrim.calibration.surrogates import (
     LOG_FLOOR,
@@ -32,7 +32,7 @@ from kvtrim.calibration.surrogates import (
 )
 from kvtrim.models.adapters import text_config
 
-FASTKVZIP_VERSION = 1
+FASTKVZIP_VERSION = 2  # 2: fitted on prose and generated records, windows taken from each text in turn
 #: the tensors of one model's gates, each with a leading layer axis (L, ...)
 GATE_PARTS = ("down", "self_weight", "bias", "sinks", "feature_mean", "feature_scale")
 
@@ -153,7 +153,7 @@ def load_or_fit_fastkvzip(
         FASTKVZIP_VERSION,
         "Fast KVzip's gates",
         "kvtrim calibrate --what fastkvzip",
-        lambda: fit_fastkvzip(model, tokenizer, texts or bundled_texts(), **kwargs),
+        lambda: fit_fastkvzip(model, tokenizer, texts or surrogate_texts(), **kwargs),
         tokenizer,
         cached=not refresh and texts is None,
     )

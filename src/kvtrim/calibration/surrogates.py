@@ -23,12 +23,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from kvtrim.calibration.corpus import bundled_texts, calibration_windows
+from kvtrim.calibration.corpus import calibration_windows, surrogate_texts
 from kvtrim.calibration.store import artefact_path, load_or_compute
 from kvtrim.core.errors import KVTrimError
 from kvtrim.models.adapters import max_context, text_config
 
-KVZAP_VERSION = 1
+KVZAP_VERSION = 2  # 2: fitted on prose and generated records, windows taken from each text in turn
 #: log-scores are taken of max(score, LOG_FLOOR): KVzip's scores are attention weights in [0, 1]
 LOG_FLOOR = 1e-8
 
@@ -164,7 +164,7 @@ def load_or_fit_kvzap(
         KVZAP_VERSION,
         "KVzap's score predictor",
         "kvtrim calibrate --what kvzap",
-        lambda: fit_kvzap(model, tokenizer, texts or bundled_texts(), **kwargs),
+        lambda: fit_kvzap(model, tokenizer, texts or surrogate_texts(), **kwargs),
         tokenizer,
         cached=not refresh and texts is None,
     )
