@@ -7,6 +7,7 @@ tokens. A surrogate that never saw such tokens in its calibration text predicts 
 where it ranks prose well. Not a test: it prints figures measured in one run.
 
     OMP_NUM_THREADS=2 python benchmarks/surrogate_needles.py [--length 2048] [--depths 0.25,0.5,0.75]
+        [--kvzap FILE] [--fastkvzip FILE]
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from safetensors.torch import load_file
 
 import kvtrim
 from kvtrim.bench.tasks.needle import needle_sample
@@ -38,10 +40,12 @@ def main() -> None:
     )
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--depths", default="0.25,0.5,0.75")
+    parser.add_argument("--kvzap", default=None, help="a kvzap.safetensors to test (default: the cached fit)")
+    parser.add_argument("--fastkvzip", default=None, help="a fastkvzip.safetensors (default: the cached one)")
     args = parser.parse_args()
     model, tokenizer = kvtrim.load_model()
-    kvzap = load_or_fit_kvzap(model, tokenizer)["weights"]
-    gates = load_or_fit_fastkvzip(model, tokenizer)
+    kvzap = (load_file(args.kvzap) if args.kvzap else load_or_fit_kvzap(model, tokenizer))["weights"]
+    gates = load_file(args.fastkvzip) if args.fastkvzip else load_or_fit_fastkvzip(model, tokenizer)
     kept = {"kvzip": [], "kvzap": [], "fastkvzip": []}
     rho_all = {"kvzap": [], "fastkvzip": []}
     rho_needle = {"kvzap": [], "fastkvzip": []}
