@@ -148,3 +148,26 @@ def close(got: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-4, atol: f
     assert torch.equal(torch.isinf(got), torch.isinf(expected))
     finite = torch.isfinite(expected)
     torch.testing.assert_close(got[finite], expected[finite], rtol=rtol, atol=atol)
+
+
+def run_calibrate(tmp_path, what: str, sequences: int, length: int = 150):
+    """``kvtrim calibrate --what WHAT`` on a saved tiny Llama and a text file, in a fresh process
+    with its own cache (nothing imported beforehand), as a user runs it."""
+    import os
+    import subprocess
+    import sys
+
+    model_dir = tmp_path / "tiny"
+    make_model("llama", max_positions=512).save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    text = tmp_path / "text.txt"
+    text.write_text(sample_text(4000, seed=5))
+    args = ["calibrate", "--model", str(model_dir), "--what", what, "--text", str(text)]
+    env = {**os.environ, "KVTRIM_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "kvtrim.cli", *args, "--sequences", str(sequences), "--length", str(length)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )

@@ -3,13 +3,9 @@ scorer is the trained gate, end to end (trained on first use, cached, and by the
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
-from conftest import make_model, make_tokenizer, sample_text
+from conftest import run_calibrate, sample_text
 
 import kvtrim
 from kvtrim.calibration import gates, surrogates
@@ -115,20 +111,7 @@ def test_fastkvzip_refuses_what_it_cannot_do(llama, tok):
 
 def test_calibrate_cli_trains_the_gates_and_reports_the_fit(tmp_path):
     """In a fresh process, as a user runs it."""
-    model_dir = tmp_path / "tiny"
-    make_model("llama", max_positions=512).save_pretrained(model_dir)
-    make_tokenizer().save_pretrained(model_dir)
-    text = tmp_path / "text.txt"
-    text.write_text(sample_text(4000, seed=5))
-    args = ["calibrate", "--model", str(model_dir), "--what", "fastkvzip", "--text", str(text)]
-    env = {**os.environ, "KVTRIM_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "kvtrim.cli", *args, "--sequences", "4", "--length", "150"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    result = run_calibrate(tmp_path, "fastkvzip", sequences=4)
     assert result.returncode == 0, result.stderr
     assert "Fast KVzip gates (3, 64, 2, 16)" in result.stdout
     assert "Held-out Spearman with KVzip: mean" in result.stdout

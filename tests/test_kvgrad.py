@@ -3,6 +3,7 @@ its definition, and the method end to end (the cache is left as it was by the gr
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -20,28 +21,38 @@ from kvtrim.strategies.output_gradients import output_gradient_norms
 pytestmark = pytest.mark.usefixtures("one_thread", "isolated_cache")
 
 
-def phi_with_push(model, cache, ids, positions, n_targets, layer, head, position, push):
-    """Φ with ``push`` (D,) added to head ``head``'s attention output at ``position`` in ``layer``."""
+@contextlib.contextmanager
+def pushed(model, cache, layer, head, position, push):
+    """``push`` (D,) added to head ``head``'s attention output at ``position`` in ``layer``; the
+    cache is put back afterwards."""
     attn = model.model.layers[layer].self_attn
+    d = attn.head_dim
 
     def add(_module, args):
         x = args[0].clone()
-        d = attn.head_dim
         x[0, position, head * d : (head + 1) * d] += push
         return (x,)
 
     handle = attn.o_proj.register_forward_pre_hook(add)
     snapshot = [(layer_.keys, layer_.values) for layer_ in cache.layers]
     try:
-        with torch.inference_mode():
-            out = model(input_ids=torch.tensor([ids]), position_ids=positions, cache=cache, use_cache=True)
-            logits = out.logits[0, -n_targets - 1 : -1].double()
-            targets = torch.tensor(ids[-n_targets:])
-            return float(logits.log_softmax(-1).gather(1, targets[:, None]).sum())
+        yield
     finally:
         handle.remove()
         for layer_, (k, v) in zip(cache.layers, snapshot, strict=True):
             layer_.keys, layer_.values = k, v
+
+
+def phi(model, cache, ids, positions, n_targets):
+    """Σ log p of the last ``n_targets`` tokens of ``ids`` fed after ``cache``."""
+    out = model(input_ids=torch.tensor([ids]), position_ids=positions, cache=cache, use_cache=True)
+    logits = out.logits[0, -n_targets - 1 : -1].double()
+    return logits.log_softmax(-1).gather(1, torch.tensor(ids[-n_targets:])[:, None]).sum()
+
+
+def phi_with_push(model, cache, ids, positions, n_targets, layer, head, position, push):
+    with pushed(model, cache, layer, head, position, push), torch.inference_mode():
+        return float(phi(model, cache, ids, positions, n_targets))
 
 
 def test_gradient_norms_match_finite_differences():
@@ -77,27 +88,9 @@ def test_gradient_norms_match_finite_differences():
 
 def _gradient_direction(model, cache, ids, positions, n_targets, layer, head, position):
     """The unit gradient of Φ w.r.t. one head's attention output at one position, by autograd."""
-    attn = model.model.layers[layer].self_attn
-    d = attn.head_dim
-    delta = torch.zeros(d, requires_grad=True)
-
-    def add(_module, args):
-        x = args[0].clone()
-        x[0, position, head * d : (head + 1) * d] += delta
-        return (x,)
-
-    handle = attn.o_proj.register_forward_pre_hook(add)
-    snapshot = [(layer_.keys, layer_.values) for layer_ in cache.layers]
-    try:
-        with torch.enable_grad():
-            out = model(input_ids=torch.tensor([ids]), position_ids=positions, cache=cache, use_cache=True)
-            logits = out.logits[0, -n_targets - 1 : -1].float()
-            targets = torch.tensor(ids[-n_targets:])
-            logits.log_softmax(-1).gather(1, targets[:, None]).sum().backward()
-    finally:
-        handle.remove()
-        for layer_, (k, v) in zip(cache.layers, snapshot, strict=True):
-            layer_.keys, layer_.values = k, v
+    delta = torch.zeros(model.config.head_dim, requires_grad=True)
+    with pushed(model, cache, layer, head, position, delta), torch.enable_grad():
+        phi(model, cache, ids, positions, n_targets).backward()
     return (delta.grad / delta.grad.norm()).detach()
 
 

@@ -4,13 +4,10 @@ KVzip teacher gives aligned hidden states and scores; the scorer is the fitted m
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer, sample_text
+from conftest import run_calibrate, sample_text
 
 import kvtrim
 from kvtrim.calibration import surrogates
@@ -110,20 +107,7 @@ def test_kvzap_refuses_chunked_prefill(llama, tok):
 
 def test_calibrate_cli_reports_the_fit(tmp_path):
     """In a fresh process (nothing imported beforehand), as a user runs it."""
-    model_dir = tmp_path / "tiny"
-    make_model("llama", max_positions=512).save_pretrained(model_dir)
-    make_tokenizer().save_pretrained(model_dir)
-    text = tmp_path / "text.txt"
-    text.write_text(sample_text(4000, seed=5))
-    args = ["calibrate", "--model", str(model_dir), "--what", "kvzap", "--text", str(text)]
-    env = {**os.environ, "KVTRIM_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "kvtrim.cli", *args, "--sequences", "4", "--length", "150"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    result = run_calibrate(tmp_path, "kvzap", sequences=4)
     assert result.returncode == 0, result.stderr
     assert "KVzap weights (3, 65, 2)" in result.stdout
     assert "Held-out Spearman with KVzip: mean" in result.stdout

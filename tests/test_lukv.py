@@ -3,13 +3,9 @@ the whole pipeline (computed on first use, cached, and by the CLI)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
-from conftest import make_model, make_tokenizer, sample_text
+from conftest import run_calibrate, sample_text
 
 import kvtrim
 from kvtrim.budgets import make_budget
@@ -80,20 +76,7 @@ def test_lukv_is_computed_on_first_use_cached_and_compresses(llama, tok):
 
 
 def test_calibrate_cli_computes_the_curves(tmp_path):
-    model_dir = tmp_path / "tiny"
-    make_model("llama", max_positions=512).save_pretrained(model_dir)
-    make_tokenizer().save_pretrained(model_dir)
-    text = tmp_path / "text.txt"
-    text.write_text(sample_text(4000, seed=5))
-    args = ["calibrate", "--model", str(model_dir), "--what", "lukv", "--text", str(text)]
-    env = {**os.environ, "KVTRIM_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "kvtrim.cli", *args, "--sequences", "3", "--length", "150"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    result = run_calibrate(tmp_path, "lukv", sequences=3)
     assert result.returncode == 0, result.stderr
     assert "LU-KV curves (99, 3, 2)" in result.stdout
     assert "At ratio 0.5 the layers keep" in result.stdout

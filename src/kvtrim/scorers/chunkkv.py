@@ -12,6 +12,7 @@ layer-wise index reuse (sharing kept indices across adjacent layers) is not done
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,13 +23,28 @@ from kvtrim.scorers.base import LayerView, Scorer
 from kvtrim.scorers.snapkv import check_snapkv_options, snapkv_scores
 
 
+def chunk_lengths(seq: int, chunk_size: int, device: torch.device) -> torch.Tensor:
+    """(⌈T/c⌉,) float: the length of every chunk of ``chunk_size`` (the last one may be short)."""
+    lengths = torch.full((-(-seq // chunk_size),), float(chunk_size), device=device)
+    lengths[-1] = seq - chunk_size * (len(lengths) - 1)
+    return lengths
+
+
+def ranks_in_chunks(scores: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """scores (..., T) -> (..., T) float: each position's rank inside its chunk (0 = the chunk's best)."""
+    *lead, seq = scores.shape
+    flat = scores.reshape(-1, seq)  # (N, T)
+    padded = F.pad(flat, (0, -seq % chunk_size), value=-math.inf).reshape(len(flat), -1, chunk_size)
+    ranks = padded.argsort(dim=-1, descending=True).argsort(dim=-1).float()  # (N, C, c)
+    return ranks.reshape(len(flat), -1)[:, :seq].reshape(*lead, seq)
+
+
 def chunk_means(scores: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """scores: (B, T) -> (B, T), every position holding the mean score of its chunk."""
     seq = scores.shape[-1]
     padded = F.pad(scores, (0, -seq % chunk_size))  # (B, ⌈T/c⌉·c)
     sums = padded.reshape(scores.shape[0], -1, chunk_size).sum(dim=-1)  # (B, ⌈T/c⌉)
-    lengths = torch.full((sums.shape[-1],), float(chunk_size), device=scores.device)  # (⌈T/c⌉,)
-    lengths[-1] = seq - chunk_size * (sums.shape[-1] - 1)  # the last chunk may be short
+    lengths = chunk_lengths(seq, chunk_size, scores.device)  # (⌈T/c⌉,)
     return (sums / lengths).repeat_interleave(chunk_size, dim=-1)[:, :seq]  # (B, T)
 
 

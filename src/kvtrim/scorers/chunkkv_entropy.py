@@ -11,7 +11,6 @@ A chunk holding part of the observation window (+inf) is never gated.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 
 from kvtrim.core.errors import KVTrimError
 from kvtrim.scorers.base import LayerView
-from kvtrim.scorers.chunkkv import ChunkKV, chunk_means
+from kvtrim.scorers.chunkkv import ChunkKV, chunk_lengths, chunk_means, ranks_in_chunks
 from kvtrim.scorers.snapkv import snapkv_scores
 
 
@@ -28,8 +27,7 @@ def chunk_entropy(scores: torch.Tensor, chunk_size: int) -> torch.Tensor:
     one-token chunk or an all-zero one: nothing to gate)."""
     seq = scores.shape[-1]
     padded = F.pad(scores, (0, -seq % chunk_size)).reshape(scores.shape[0], -1, chunk_size)  # (B, C, c)
-    lengths = torch.full((padded.shape[1],), chunk_size, device=scores.device)  # (C,)
-    lengths[-1] = seq - chunk_size * (padded.shape[1] - 1)
+    lengths = chunk_lengths(seq, chunk_size, scores.device)  # (C,)
     totals = padded.sum(dim=-1, keepdim=True)  # (B, C, 1)
     p = padded / totals.clamp_min(torch.finfo(scores.dtype).tiny)  # (B, C, c); padding is 0
     plogp = torch.where(p > 0, p * p.log(), torch.zeros_like(p))
@@ -39,13 +37,9 @@ def chunk_entropy(scores: torch.Tensor, chunk_size: int) -> torch.Tensor:
 
 def chunk_peaks(scores: torch.Tensor, chunk_size: int, share: float) -> torch.Tensor:
     """(B, T) bool: the top ⌈share·n⌉ tokens of every chunk by score (n its length)."""
-    batch, seq = scores.shape
-    padded = F.pad(scores, (0, -seq % chunk_size), value=-math.inf).reshape(batch, -1, chunk_size)
-    ranks = padded.argsort(dim=-1, descending=True).argsort(dim=-1)  # (B, C, c): 0 = chunk's best
-    lengths = torch.full((padded.shape[1], 1), chunk_size, device=scores.device)  # (C, 1)
-    lengths[-1] = seq - chunk_size * (padded.shape[1] - 1)
-    quota = (share * lengths).ceil().clamp_min(1)  # (C, 1) peaks per chunk
-    return (ranks < quota).reshape(batch, -1)[:, :seq]
+    lengths = chunk_lengths(scores.shape[-1], chunk_size, scores.device)  # (C,)
+    quota = (share * lengths).ceil().clamp_min(1).repeat_interleave(chunk_size)[: scores.shape[-1]]  # (T,)
+    return ranks_in_chunks(scores, chunk_size) < quota
 
 
 @dataclass

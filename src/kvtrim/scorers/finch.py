@@ -12,28 +12,22 @@ pairs are kept. FINCH's key re-rotation is kvtrim's ``/rerotate`` axis.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from kvtrim.core.errors import KVTrimError
 from kvtrim.scorers.base import LayerView, Scorer
+from kvtrim.scorers.chunkkv import chunk_lengths, ranks_in_chunks
 from kvtrim.scorers.snapkv import snapkv_scores
 
 
 def chunk_quantiles(scores: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """scores (B, Hkv, T), finite -> (B, Hkv, T): 1 − rank / n inside each chunk of ``chunk_size``
     (n its length, rank 0 its best), so that a global top-k keeps the same share of every chunk."""
-    *lead, seq = scores.shape
-    flat = scores.reshape(-1, seq)  # (B·Hkv, T)
-    padded = F.pad(flat, (0, -seq % chunk_size), value=-math.inf).reshape(flat.shape[0], -1, chunk_size)
-    ranks = padded.argsort(dim=-1, descending=True).argsort(dim=-1).float()  # (B·Hkv, C, c)
-    lengths = torch.full((padded.shape[1], 1), float(chunk_size), device=scores.device)  # (C, 1)
-    lengths[-1] = seq - chunk_size * (padded.shape[1] - 1)
-    quantile = (1.0 - ranks / lengths).reshape(flat.shape[0], -1)[:, :seq]  # (B·Hkv, T)
-    return quantile.reshape(*lead, seq)
+    seq = scores.shape[-1]
+    lengths = chunk_lengths(seq, chunk_size, scores.device).repeat_interleave(chunk_size)[:seq]  # (T,)
+    return 1.0 - ranks_in_chunks(scores, chunk_size) / lengths
 
 
 @dataclass
