@@ -128,10 +128,9 @@ def check_decoding(scorer: Scorer, budget: Budget) -> None:
     if not (scorer.chunkable and scorer.evicts):
         names = ", ".join(name for name, cls in SCORERS.items() if cls.chunkable and cls.evicts)
         raise KVTrimError(f"Method {scorer.name!r} cannot evict while decoding; these can: {names}.")
-    if not budget.heads_alike:
-        raise KVTrimError(
-            f"Decoding eviction works with the {_budget_names(lambda b: b.heads_alike)} budgets."
-        )
+    if not budget.heads_alike:  # a budget spanning layers is refused in check_spans_layers
+        names = _budget_names(lambda b: b.heads_alike and not b.spans_layers)
+        raise KVTrimError(f"Decoding eviction works with the {names} budgets.")
 
 
 def check_rerotate(spec: CompressionSpec, scorer: Scorer, budget: Budget) -> None:
