@@ -147,7 +147,7 @@ def fit_fastkvzip(
 def load_or_fit_fastkvzip(
     model: nn.Module, tokenizer: Any, texts: list[str] | None = None, refresh: bool = False, **kwargs: Any
 ) -> dict[str, torch.Tensor]:
-    """Fast KVzip's gates from the disk cache, trained on the bundled prose and saved first if absent."""
+    """Fast KVzip's gates from the disk cache; trained on the surrogate texts and saved if absent."""
     return load_or_compute(
         fastkvzip_path(model),
         FASTKVZIP_VERSION,

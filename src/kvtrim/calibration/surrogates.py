@@ -158,7 +158,7 @@ def teacher_rows(samples: list[Sample], layer: int, log: bool = True) -> tuple[t
 def load_or_fit_kvzap(
     model: nn.Module, tokenizer: Any, texts: list[str] | None = None, refresh: bool = False, **kwargs: Any
 ) -> dict[str, torch.Tensor]:
-    """KVzap's weights from the disk cache, fitted on the bundled prose and saved first if absent."""
+    """KVzap's weights from the disk cache; fitted on the surrogate texts and saved if absent."""
     return load_or_compute(
         kvzap_path(model),
         KVZAP_VERSION,
