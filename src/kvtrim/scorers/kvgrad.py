@@ -11,7 +11,8 @@ through the head's slice of the output projection (what it adds to the layer's o
 ∂Φ/∂a_p^h the gradient of the reconstruction's log-likelihood Φ with respect to head h's
 attention output at p (:mod:`kvtrim.strategies.output_gradients`: one extra forward and backward
 per reconstruction input). A kv-head takes the max over its query heads; the first ``n_sink``
-pairs are kept, as in KVzip. It costs about twice KVzip's reconstruction.
+pairs are kept, as in KVzip. The backward pass makes it costlier than KVzip's reconstruction
+(4.8× its scoring time at 2k tokens on CPU, docs/results.md).
 """
 
 from __future__ import annotations
