@@ -68,7 +68,7 @@ def compute_lukv_curves(
 def load_or_compute_lukv(
     model: nn.Module, tokenizer: Any, texts: list[str] | None = None, refresh: bool = False, **kwargs: Any
 ) -> dict[str, torch.Tensor]:
-    """LU-KV's curves from the disk cache, computed on the bundled prose and saved first if absent."""
+    """LU-KV's curves from the disk cache; computed on the surrogate texts and saved if absent."""
     return load_or_compute(
         lukv_path(model),
         LUKV_VERSION,
