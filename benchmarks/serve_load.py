@@ -10,7 +10,7 @@
 
 Not a test. Run it alone (``OMP_NUM_THREADS`` as the server's threads):
 
-    python benchmarks/serve_load.py [--model smollm2-135m] [--tokens 2048] [--spec lagkv@0.5]
+    python benchmarks/serve_load.py [--model smollm2-135m] [--tokens 2048] [--spec lagkv@0.5+lukv]
 """
 
 from __future__ import annotations

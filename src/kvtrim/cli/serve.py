@@ -113,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
     from kvtrim.serve.contexts import Contexts
     from kvtrim.serve.service import ServeConfig, Service, check_spec
     from kvtrim.store import ContextStore
+    from kvtrim.strategies.planner import plan
 
     if not 0 < args.port < 65536:
         raise KVTrimError(f"--port must be in 1..65535, got {args.port}.")
@@ -135,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         request_timeout_s=args.timeout,
     )
+    # model-specific data of the spec (calibration, computed once and cached) before any request waits
+    plan(spec).prepare(model, tokenizer)
     service = Service(model, tokenizer, Contexts(model, tokenizer, store, args.memory_budget), config)
     api_key = args.api_key or os.environ.get("KVTRIM_API_KEY") or None
     app = create_app(service, api_key=api_key, max_request_bytes=args.max_request_bytes)

@@ -36,8 +36,9 @@ from kvtrim.core.ratios import check_channel_ratio, check_ratio
 
 #: the compression used wherever none is named (``compress()``, ``compressing()``, ``kvtrim ask``,
 #: ``demo`` and ``serve``), chosen from the RULER sweeps of both named models: the cheapest
-#: configuration that held best on both at ratio 0.5 (docs/results.md, "The default compression")
-DEFAULT_SPEC = "lagkv@0.5"
+#: configuration that held best on both at ratio 0.5 (docs/results.md, "The default compression"):
+#: LagKV's scores, each layer and head keeping its share by LU-KV's curves (calibrated once per model)
+DEFAULT_SPEC = "lagkv@0.5+lukv"
 DEFAULT_METHOD = DEFAULT_SPEC.split("@")[0].split(":")[0]  # a bare CompressionSpec()'s method
 DEFAULT_RATIO = 0.5
 DEFAULT_EVICT_EVERY = 16
