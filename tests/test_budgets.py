@@ -59,6 +59,36 @@ def test_adaptive_total_and_safeguard(alpha):
         assert int(per_head[0]) > keep  # uneven: the dominant head got more than a uniform share
 
 
+def kvpress_adakv_keep(scores: torch.Tensor, n_kept: int, alpha: float) -> torch.Tensor:
+    """AdaKV as the reference library (kvpress 0.5.5, ``AdaKVPress.compress``) writes it, for a
+    slow reference: each head's top ``max(1, int(n_kept·alpha))`` scores raised to the float
+    maximum, then the bottom Hkv·(T − n_kept) scores of the whole layer pruned. -> (B, Hkv, T) kept."""
+    bsz, heads, seq = scores.shape
+    scores = scores.clone()
+    n_safe = max(1, int(n_kept * alpha)) if alpha > 0 and n_kept > 0 else 0
+    scores.scatter_(-1, torch.topk(scores, n_safe, dim=-1).indices, torch.finfo(scores.dtype).max)
+    pruned = torch.topk(-scores.reshape(bsz, -1), heads * (seq - n_kept), dim=1).indices
+    keep = torch.ones(bsz, heads * seq, dtype=torch.bool)
+    keep.scatter_(1, pruned, False)
+    return keep.view(bsz, heads, seq)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.2, 0.5])
+@pytest.mark.parametrize("seq,ratio", [(100, 0.5), (240, 0.75), (64, 0.875)])
+def test_adaptive_keeps_what_the_reference_librarys_adakv_keeps_on_the_same_scores(alpha, seq, ratio):
+    torch.manual_seed(seq)
+    scores = torch.rand(2, 3, seq) * torch.tensor([1.0, 3.0, 0.2])[None, :, None]  # heads on their own scales
+    scores[:, :, :4] = torch.inf  # sinks, as kvtrim's scorers mark them (the reference pads them to max + 1)
+    kept = AdaptiveBudget(alpha=alpha).select(scores, 0, 1, ratio)
+    reference = kvpress_adakv_keep(
+        scores.nan_to_num(posinf=float(scores[scores.isfinite()].max()) + 1), int(seq * (1 - ratio)), alpha
+    )
+    # the two round alike here; at 101 pairs and ratio 0.5 kvtrim keeps T − floor(r·T) = 51 per
+    # head on average and the reference int(T·(1 − r)) = 50
+    assert n_keep(seq, ratio) == int(seq * (1 - ratio))
+    assert torch.equal(kept, reference)
+
+
 def test_threshold_keeps_scores_above_tau_and_never_empties_a_head():
     scores = torch.tensor([[[0.1, 0.9, 0.5], [0.2, 0.1, 0.3]]])
     mask = ThresholdBudget(0.5).select(scores, 0, 1, 0.0)

@@ -50,3 +50,8 @@ def test_needle_accuracy_at_half_cache_holds(gemma3, samples, method):
     hits = _hits(gemma3, samples, method, 0.5)
     print(f"{method}: {sum(hits)}/{len(hits)} {hits}")
     assert sum(hits) >= MEASURED[method]
+
+
+def test_compressed_windows_with_nothing_evicted_find_the_needle_at_every_depth(gemma3, samples):
+    """``/windows`` at ratio 0: every window pair kept at its position, the model's own answers."""
+    assert _hits(gemma3, samples, "knorm", 0.0, windows=True) == [1] * len(DEPTHS)

@@ -19,6 +19,7 @@ CASES = [
     ("llama", dict(method="expected-attention", ratio=0.5, budget="adaptive")),  # ragged heads
     ("qwen3", dict(method="knorm", ratio=0.5, key_channels=0.5)),  # channel-pruned keys
     ("gemma3", dict(method="knorm", ratio=0.5)),  # sliding-window layers
+    ("gemma3", dict(method="tova", ratio=0.5, windows=True)),  # windows compressed within themselves
     ("llama", dict(method="knorm", ratio=0.5, chunk_size=64)),  # chunked prefill
     ("qwen3", dict(method="snapkv", ratio=0.6, budget="threshold", budget_options={"threshold": 0.01})),
 ]

@@ -34,6 +34,7 @@ _AXES_DEFAULTS: dict[str, Any] = {
     "key_channels": 0.0,
     "evicted": "drop",
     "rerotate": False,
+    "windows": False,
 }
 
 
@@ -111,6 +112,7 @@ def compress(
     key_channels: float = 0.0,
     evicted: str = "drop",
     rerotate: bool = False,
+    windows: bool = False,
     **options: Any,
 ) -> Session | BatchSession:
     """Prefill ``context`` once, compressing each layer as it goes, and return a :class:`Session`.
@@ -123,7 +125,8 @@ def compress(
     ``decode_budget`` / ``evict_every`` (keep evicting while answering), ``key_channels`` (ThinK),
     ``evicted`` (``"drop"``, ``"merge"`` the evicted values into their kept neighbours, or
     ``"cam"``: CaM's merging at every eviction while decoding),
-    ``rerotate`` (move the kept keys to positions 0..K−1; the question continues at K).
+    ``rerotate`` (move the kept keys to positions 0..K−1; the question continues at K),
+    ``windows`` (compress sliding-window layers too, within their window).
     A list of contexts gives a :class:`~kvtrim.BatchSession`, each context keeping what it would
     keep alone. ``question=q`` compresses the question with the context (query-aware): the session
     answers that question only. A :class:`~kvtrim.models.prompting.PromptLayout` in place of the
@@ -144,6 +147,7 @@ def compress(
         key_channels=key_channels,
         evicted=evicted,
         rerotate=rerotate,
+        windows=windows,
     )
     if question is not None:
         resolved = resolved.with_(query_aware=True)

@@ -19,7 +19,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from kvtrim.attention.dense import dense_attention, pruned_attention
 from kvtrim.attention.masked import masked_attention
 from kvtrim.attention.ragged import ragged_attention
-from kvtrim.attention.standins import MaskedKV, PrunedKeys, RaggedKV
+from kvtrim.attention.standins import MaskedKV, PrunedKeys, RaggedKV, WindowKV
+from kvtrim.attention.window import window_attention
 
 ATTENTION_NAME = "kvtrim_sdpa"
 
@@ -31,6 +32,7 @@ KERNELS: dict[type, Kernel] = {
     PrunedKeys: pruned_attention,
     RaggedKV: ragged_attention,
     MaskedKV: masked_attention,
+    WindowKV: window_attention,
 }
 
 

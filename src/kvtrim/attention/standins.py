@@ -75,3 +75,18 @@ class MaskedKV(KeysStandIn):
     keys: torch.Tensor
     values: torch.Tensor
     visible: torch.Tensor
+
+
+@dataclass
+class WindowKV(KeysStandIn):
+    """A sliding-window layer compressed within its window: the kept pairs then the new tokens,
+    each with its absolute position, and the window W (a query at t sees pairs at t − W < p ≤ t).
+
+    keys, values: (B, Hkv, L, D); positions: (B, Hkv, L), ascending per head, the last q being
+    the current forward's tokens.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    window: int

@@ -13,9 +13,9 @@ from typing import Any
 from kvtrim.bench.tasks.registry import DEFAULT_GRID_DEPTHS, expand_task_list
 from kvtrim.core.errors import KVTrimError
 from kvtrim.core.ratios import check_ratio
-from kvtrim.core.spec import Cell, format_named, parse_named
+from kvtrim.core.spec import Cell, CompressionSpec, format_named, parse_named
 from kvtrim.scorers import make_scorer
-from kvtrim.strategies.planner import check_sweep_budget
+from kvtrim.strategies.planner import check_sweep_budget, plan
 
 DATASETS = ("generated", "ruler", "longbench")
 EXTRA_TASKS = ("perplexity", "needle_grid")
@@ -52,6 +52,7 @@ class BenchConfig:
     grid_samples: int = 1
     ppl_tokens: int = 256  # continuation tokens scored by the perplexity task
     ppl_text: str | None = None  # default: the bundled essays
+    windows: bool = False  # every cell compresses sliding-window layers too (/windows), each alone
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -70,6 +71,13 @@ class BenchConfig:
         if not self.budgets:
             raise KVTrimError("No budget to run; give --budgets (e.g. uniform,adaptive).")
         self._check_sizes()
+        if self.windows:  # every combination error now, not at the first sample
+            for cell in self.cells():
+                plan(
+                    CompressionSpec.from_cell(
+                        cell, windows=True, query_aware=make_scorer(cell.method).query_aware
+                    )
+                )
 
     def _check_sizes(self) -> None:
         if self.length < 1 or self.samples < 1 or self.grid_samples < 1:

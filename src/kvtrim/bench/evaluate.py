@@ -51,8 +51,13 @@ class CellEvaluator:
             raise KVTrimError(f"cell_batch must be >= 1, got {self.cell_batch}")
         names = ["none", *self.config.methods]
         self.scorers = {name: make_scorer(name) for name in dict.fromkeys(names)}
-        self.sources = CellSources(self.model, self.tokenizer, self.scorers, self.config.seed, self.share)
-        if any(b != "uniform" for b in self.config.budgets) or self.cell_batch > 1:
+        windows = self.config.windows
+        if windows:  # the shared prefills leave windows whole: every cell is compressed alone
+            self.share = False
+        self.sources = CellSources(
+            self.model, self.tokenizer, self.scorers, self.config.seed, self.share, windows
+        )
+        if any(b != "uniform" for b in self.config.budgets) or self.cell_batch > 1 or windows:
             # Every cell — shared or alone, whatever its budget — then runs on the same attention
             # function, so the order cells are run in cannot change a row.
             enable(self.model)
@@ -89,7 +94,7 @@ class CellEvaluator:
             start = time.perf_counter()
             session = source.session(cell)
             outcome = self._evaluate(task, sample, session, chat)
-            figures = CellFigures.of_session(session, cell)
+            figures = CellFigures.of_session(session, cell, self.config.windows)
             yield self._row(task, index, sample, figures, outcome, source, start)
 
     def _answer_cell_batches(
@@ -102,7 +107,7 @@ class CellEvaluator:
             answers = answer_cells(sessions, sample.question, limit, prefix)
             share = (time.perf_counter() - start) / len(chunk)
             for cell, session, answer in zip(chunk, sessions, answers, strict=True):
-                figures = CellFigures.of_session(session, cell)
+                figures = CellFigures.of_session(session, cell, self.config.windows)
                 outcome = Outcome(eval_s=answer.answer_s, answer=answer)
                 row = self._row(task, index, sample, figures, outcome, source, time.perf_counter() - share)
                 row["cell_batch"] = len(chunk)

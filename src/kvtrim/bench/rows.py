@@ -30,8 +30,8 @@ class CellFigures:
     prefill_s: float
 
     @classmethod
-    def of_session(cls, session: Session, cell: Cell) -> CellFigures:
-        spec = CompressionSpec.from_cell(cell, query_aware=session.question is not None)
+    def of_session(cls, session: Session, cell: Cell, windows: bool = False) -> CellFigures:
+        spec = CompressionSpec.from_cell(cell, query_aware=session.question is not None, windows=windows)
         return cls(cell, spec, session.context_length, session.stats, session.prefill_s)
 
     @classmethod

@@ -39,6 +39,7 @@ class CellSources:
     scorers: dict[str, Scorer]
     seed: int
     share: bool = True
+    windows: bool = False  # cells compress sliding-window layers too (only alone)
 
     def for_sample(self, context: str, cells: list[Cell], chat: bool, question: str | None) -> Source:
         """The cells of one sample (``question`` prefilled after the context for query-aware ones)."""
@@ -79,4 +80,5 @@ class CellSources:
             use_chat_template=chat,
             seed=self.seed,
             question=question,
+            windows=self.windows,
         )

@@ -32,6 +32,11 @@ class KVTrimLayer(CacheLayerMixin):
         """Cached (batch, kv-head, position) entries."""
         raise NotImplementedError
 
+    def held_tokens(self) -> int:
+        """Length of the stored sequence axis (the longest head's); ``get_seq_length()`` may
+        count more (a sliding-window layer answers the tokens it has seen)."""
+        return int(self.get_seq_length())
+
     def n_heads(self) -> int:
         """Batch × kv-heads: how many (batch, head) sequences the layer holds."""
         raise NotImplementedError
@@ -96,7 +101,7 @@ def layer_tokens(layer: Any) -> int:
     """Length of the layer's sequence axis (the longest head's, for a ragged layer). Not
     ``get_seq_length()``: a sliding-window layer reports every token it has seen there."""
     if isinstance(layer, KVTrimLayer):
-        return int(layer.get_seq_length())
+        return layer.held_tokens()
     keys = getattr(layer, "keys", None)
     return 0 if keys is None or keys.numel() == 0 else int(keys.shape[-2])
 

@@ -3,8 +3,8 @@
 What a saved session stores (:mod:`kvtrim.sessions.stored`): plain tensors that safetensors can
 write (no pickle), and per layer its kind and the integers that rebuild it. Every layer kvtrim
 leaves after a compression is covered: transformers' dense and sliding-window layers, ragged
-heads and channel-pruned keys. A cell batch's head-masked layer is a transient of the benchmark,
-never a session's, and is refused.
+heads, channel-pruned keys and windows compressed within themselves. A cell batch's head-masked
+layer is a transient of the benchmark, never a session's, and is refused.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from kvtrim.cache.channels import ChannelPrunedLayer
 from kvtrim.cache.layers import is_sliding
 from kvtrim.cache.ragged import RaggedLayer
+from kvtrim.cache.window import WindowLayer
 from kvtrim.core.errors import KVTrimError
 
 
@@ -42,6 +43,10 @@ def _layer_parts(layer: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         if layer.key_channels is not None:
             parts["key_channels"] = layer.key_channels
         return parts, {"kind": "ragged", "lengths": list(layer.lengths)}
+    if isinstance(layer, WindowLayer):
+        parts = {"keys": layer.keys, "values": layer.values, "positions": layer.positions}
+        seen = layer.cumulative_length
+        return parts, {"kind": "window", "window": layer.sliding_window, "cumulative_length": seen}
     if isinstance(layer, ChannelPrunedLayer):
         parts = {"keys": layer.keys, "values": layer.values, "key_channels": layer.key_channels}
         return parts, {"kind": "pruned"}
@@ -66,7 +71,7 @@ def restore_cache(
             if name.startswith(f"layer.{idx}.")
         }
         kind = meta.get("kind")
-        if (kind == "sliding") != is_sliding(empty.layers[idx]):
+        if (kind in ("sliding", "window")) != is_sliding(empty.layers[idx]):
             raise KVTrimError(f"Layer {idx} was saved as {kind!r}, which this model's layer {idx} is not.")
         if kind == "ragged":
             lengths = [int(n) for n in meta["lengths"]]
@@ -77,6 +82,11 @@ def restore_cache(
             if "key_channels" in part:
                 layer.key_channels = part["key_channels"]
             empty.layers[idx] = layer
+        elif kind == "window":
+            if part["positions"].shape != part["keys"].shape[:3]:
+                raise KVTrimError(f"Layer {idx}'s positions do not match its tensors.")
+            window, seen = int(meta["window"]), int(meta["cumulative_length"])
+            empty.layers[idx] = WindowLayer(part["keys"], part["values"], part["positions"], window, seen)
         elif kind == "pruned":
             empty.layers[idx] = ChannelPrunedLayer(part["keys"], part["values"], part["key_channels"])
         elif kind in ("dense", "sliding"):

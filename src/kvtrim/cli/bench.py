@@ -121,6 +121,12 @@ def _add_run_arguments(bench: argparse.ArgumentParser) -> None:
         help="prefill every cell separately (same results, slower; for checking)",
     )
     bench.add_argument(
+        "--windows",
+        action="store_true",
+        help="every cell compresses sliding-window layers too, within their window (Gemma 3; "
+        "each cell is then prefilled alone)",
+    )
+    bench.add_argument(
         "--batch-size",
         type=positive,
         default=1,
@@ -182,6 +188,8 @@ def run(args: argparse.Namespace) -> int:
     from kvtrim.models import load_model
 
     config = _config(args)
+    if config.windows and args.batch_size > 1:
+        raise KVTrimError("--windows compresses every cell alone: drop --batch-size.")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     check_config(out, config)  # refuse a mismatching folder before the model loads
@@ -268,4 +276,5 @@ def _config(args: argparse.Namespace) -> BenchConfig:
         grid_samples=args.grid_samples,
         ppl_tokens=args.ppl_tokens,
         ppl_text=existing_file(args.ppl_text, "Perplexity text"),
+        windows=args.windows,
     )

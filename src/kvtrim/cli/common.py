@@ -166,6 +166,14 @@ def add_compression_arguments(parser: argparse.ArgumentParser) -> None:
         help="re-rotate the kept keys to positions 0..K-1: the cache becomes an ordinary prefix and the "
         "question continues at position K",
     )
+    parser.add_argument(
+        "--windows",
+        action="store_const",
+        const=True,
+        default=None,
+        help="compress sliding-window layers too (Gemma 3): each head keeps the share 1 - ratio of its "
+        "window by the method's scores, so the whole cache shrinks",
+    )
 
 
 _AXIS_FLAGS = {
@@ -180,6 +188,7 @@ _AXIS_FLAGS = {
     "key_channels": "--key-channels",
     "evicted": "--evicted",
     "rerotate": "--rerotate",
+    "windows": "--windows",
 }
 
 
@@ -198,6 +207,7 @@ def spec_from_args(args: argparse.Namespace) -> CompressionSpec:
         "key_channels": args.key_channels or 0.0,
         "evicted": args.evicted or "drop",
         "rerotate": bool(args.rerotate),
+        "windows": bool(args.windows),
     }
     if args.method is None:  # the default compression, with the axes the flags give
         default = CompressionSpec.default(args.ratio)

@@ -53,6 +53,9 @@ def run(args: argparse.Namespace) -> int:
         "chunk",
         "decode_budget",
         "key_channels",
+        "evicted",
+        "rerotate",
+        "windows",
     )
     named = any(getattr(args, axis, None) is not None for axis in axes)
     specs = [spec_from_args(args)] if named else _showcase(CompressionSpec.default(args.ratio), args.ratio)

@@ -11,10 +11,11 @@ and a serialisable, hashable identity::
     snapkv-query-aware@0.5/query-aware
     keydiff@0.75/evicted=merge                         evicted values folded into kept ones
     knorm@0.5/rerotate                                 kept keys moved to positions 0..K-1
+    lagkv@0.5/windows                                  sliding-window layers compressed too
 
 Grammar: ``SCORER[@RATIO][+BUDGET](/PART)*``. SCORER and BUDGET are ``NAME(:KEY=VALUE)*``; a PART is
 ``chunk=N``, ``decode-budget=N``, ``evict-every=K``, ``key-channels=R``, ``evicted=drop|merge|cam``,
-``rerotate`` or ``query-aware`` (the ``kvtrim ask`` flags of the same names). A value is
+``rerotate``, ``windows`` or ``query-aware`` (the ``kvtrim ask`` flags of the same names). A value is
 ``true``/``false``/``none``, a number, a bare word, or JSON (a quoted string, a list, an object)
 when it holds any other character.
 
@@ -172,7 +173,8 @@ class CompressionSpec:
     of the key channels too (ThinK); ``query_aware`` compresses the question with the context;
     ``evicted`` says whether evicted pairs are dropped or merged into their kept neighbours;
     ``rerotate`` re-rotates the kept keys to positions 0..K−1, so the cache is an ordinary prefix
-    and the question continues at position K.
+    and the question continues at position K; ``windows`` compresses sliding-window layers too,
+    each head keeping the share (1 − ratio) of its window by the method's scores.
     """
 
     method: str = DEFAULT_METHOD
@@ -187,6 +189,7 @@ class CompressionSpec:
     query_aware: bool = False
     evicted: str = "drop"
     rerotate: bool = False
+    windows: bool = False
     _text: str = field(default="", init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -200,6 +203,7 @@ class CompressionSpec:
         set_(self, "key_channels", check_channel_ratio(self.key_channels))
         set_(self, "query_aware", bool(self.query_aware))
         set_(self, "rerotate", bool(self.rerotate))
+        set_(self, "windows", bool(self.windows))
         if self.evicted not in EVICTED:
             raise KVTrimError(f"evicted must be one of {', '.join(EVICTED)}, got {self.evicted!r}.")
         if self.chunk_size is not None and int(self.chunk_size) < 1:
@@ -256,6 +260,8 @@ class CompressionSpec:
             text += f"/evicted={self.evicted}"
         if self.rerotate:
             text += "/rerotate"
+        if self.windows:
+            text += "/windows"
         return text + ("/query-aware" if self.query_aware else "")
 
     def __hash__(self) -> int:
@@ -359,6 +365,8 @@ def _part(part: str, text: str) -> dict[str, Any]:
         return {"query_aware": True}
     if key == "rerotate" and not sep:
         return {"rerotate": True}
+    if key == "windows" and not sep:
+        return {"windows": True}
     if key in _WORD_PARTS and sep:
         name, choices = _WORD_PARTS[key]
         if value.strip() not in choices:
@@ -368,7 +376,7 @@ def _part(part: str, text: str) -> dict[str, Any]:
         return {name: value.strip()}
     if key not in _PARTS or not sep:
         known = ", ".join(
-            [*(f"{k}=..." for k in _PARTS), "evicted=drop|merge|cam", "rerotate", "query-aware"]
+            [*(f"{k}=..." for k in _PARTS), "evicted=drop|merge|cam", "rerotate", "windows", "query-aware"]
         )
         raise KVTrimError(f"Unknown part {part!r} in spec {text!r}; parts are {known}.")
     name, kind = _PARTS[key]

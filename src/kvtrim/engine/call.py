@@ -165,16 +165,17 @@ class LayerCall:
 
     # --- bookkeeping ------------------------------------------------------------------------------
 
-    def compress(self, action: Callable[[LayerCall], None]) -> None:
+    def compress(self, action: Callable[[LayerCall], None], windows: bool = False) -> None:
         """Run one compressing step on this layer, with the bookkeeping every step shares.
 
-        A sliding-window layer is already bounded by its window, so it is not compressed; but
-        transformers keeps the window as a slice of the whole prefill's tensor, holding all T pairs
-        alive: copying the window out frees them. Otherwise the moment this layer holds its
-        uncompressed pairs is when the cache peaks, and ``action`` is timed as compression.
+        A sliding-window layer is already bounded by its window, so unless ``windows`` says to
+        compress it within its window it is left whole; but transformers keeps the window as a
+        slice of the whole prefill's tensor, holding all T pairs alive: copying the window out
+        frees them. Otherwise the moment this layer holds its uncompressed pairs is when the cache
+        peaks, and ``action`` is timed as compression.
         """
         layer = self.layer
-        if self.is_sliding:
+        if self.is_sliding and not windows:
             held = layer_tokens(layer)
             before = logical_bytes(layer.keys) + logical_bytes(layer.values)
             layer.keys, layer.values = compact(layer.keys), compact(layer.values)

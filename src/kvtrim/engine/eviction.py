@@ -10,10 +10,12 @@ from typing import Any
 import torch
 
 from kvtrim.budgets.base import Budget
+from kvtrim.budgets.uniform import UniformBudget
 from kvtrim.cache.channels import key_channel_norms, prune_channels
 from kvtrim.cache.keep import keep_selected
+from kvtrim.cache.layers import compact, layer_bytes, layer_heads, layer_tokens, logical_bytes
 from kvtrim.cache.layers import is_sliding as layer_is_sliding
-from kvtrim.cache.layers import layer_bytes, layer_heads, layer_tokens
+from kvtrim.cache.window import WindowLayer
 from kvtrim.core.stats import CompressionStats
 from kvtrim.engine.call import LayerCall
 from kvtrim.models.adapters import queries_from_projection
@@ -97,6 +99,31 @@ def evict_layer(call: LayerCall, selector: Selector, positions: PositionTracker 
     keep_choice(
         call.cache, call.idx, chosen, call.stats, bytes_before, positions, key_positions, selector.merge
     )
+
+
+def evict_window(call: LayerCall, selector: Selector) -> None:
+    """Compress a sliding-window layer within its window (``/windows``): every head keeps the
+    share (1 − ratio) of the window's pairs by the scorer's scores — the uniform rule, the budget
+    sharing out the full-attention layers — and the layer becomes a :class:`WindowLayer`, each
+    kept pair at its position, so the window still slides over them while answering."""
+    layer = call.layer
+    keys, values = layer.keys, layer.values  # (B, Hkv, W', D): the window, a slice of the prefill's
+    seq = keys.shape[-2]
+    bytes_before = logical_bytes(keys) + logical_bytes(values)
+    call.stats.layers_compressed += 1
+    key_positions = call.key_positions(keys)  # (W',)
+    window = Selector(selector.scorer, UniformBudget(), selector.ratio, merge=selector.merge)
+    if window.evicts(seq):
+        budget_keep = window.layer_keep(seq, call.idx, call.n_layers)
+        view = call.view(keys, values, key_positions, budget_keep=budget_keep)
+        indices = keep_selected(layer, window.choose(view, call.n_layers), selector.merge).indices
+        assert indices is not None  # the uniform rule keeps as many pairs in every head
+    else:
+        indices = torch.arange(seq, device=keys.device).expand(*keys.shape[:2], seq)  # (B, Hkv, W')
+        layer.keys, layer.values = compact(keys), compact(values)
+    kept = WindowLayer.from_window(layer, indices, key_positions)
+    call.cache.layers[call.idx] = kept
+    call.stats.add_layer(bytes_before, layer_bytes(kept), seq, indices.shape[-1], layer_heads(kept))
 
 
 def keep_choice(

@@ -50,7 +50,11 @@ class Plan:
             prefill = AcrossLayers(selector)
         else:
             prefill = AfterPrefill(
-                selector, positions, key_channels=spec.key_channels, rerotate=spec.rerotate
+                selector,
+                positions,
+                key_channels=spec.key_channels,
+                rerotate=spec.rerotate,
+                windows=spec.windows,
             )
         if spec.decode_budget is None:
             return prefill

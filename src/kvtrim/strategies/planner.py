@@ -54,6 +54,8 @@ def plan(
         check_rerotate(spec, scorer, policy)
     if policy.spans_layers:
         check_spans_layers(spec, policy)
+    if spec.windows:
+        check_windows(spec, scorer, policy)
     if spec.evicted == "cam" and spec.decode_budget is None:
         raise KVTrimError(
             "evicted=cam merges at the evictions made while decoding: give a decoding budget "
@@ -70,7 +72,8 @@ def plan(
         run = compress_by_reconstruction
     else:
         run = compress_single
-    return Plan(spec, scorer, policy, run, needs_kvtrim_attention(policy, spec.key_channels))
+    kvtrim_attention = needs_kvtrim_attention(policy, spec.key_channels) or spec.windows
+    return Plan(spec, scorer, policy, run, kvtrim_attention)
 
 
 def plan_generate(
@@ -154,6 +157,25 @@ def check_rerotate(spec: CompressionSpec, scorer: Scorer, budget: Budget) -> Non
         )
 
 
+def check_windows(spec: CompressionSpec, scorer: Scorer, budget: Budget) -> None:
+    """Windows are compressed once, in the prefill's own pass, layer by layer."""
+    if (
+        spec.chunk_size is not None
+        or spec.decode_budget is not None
+        or spec.key_channels
+        or spec.query_aware
+        or spec.rerotate
+        or scorer.needs_reconstruction
+        or budget.spans_layers
+    ):
+        raise KVTrimError(
+            "Compressing sliding-window layers (windows) applies to a one-shot compression during the "
+            "prefill, layer by layer; it does not combine with chunked prefill, decoding eviction, key "
+            f"channels, query-aware compression, key re-rotation, scoring after the prefill ({scorer.name!r} "
+            "does if it reconstructs) or a budget chosen across layers."
+        )
+
+
 def check_spans_layers(spec: CompressionSpec, budget: Budget) -> None:
     """A budget weighing all layers together evicts once, after the whole prefill was scored."""
     if spec.decode_budget is not None or spec.key_channels:
@@ -182,10 +204,11 @@ def check_batch_axes(spec: CompressionSpec) -> None:
         or spec.key_channels
         or spec.evicted != "drop"
         or spec.rerotate
+        or spec.windows
     ):
         raise KVTrimError(
             "Batches do not support chunked prefill, decoding eviction, query-aware compression, "
-            "key-channel pruning, merging evicted pairs or key re-rotation yet."
+            "key-channel pruning, merging evicted pairs, key re-rotation or compressed windows yet."
         )
 
 
