@@ -106,8 +106,11 @@ class Recording(KVgrad):
         return scores
 
 
-def slow_kvgrad(view, grads, n_context: int, n_sink: int) -> torch.Tensor:
-    """(Hkv, T): max over queries p of softmax weight · ‖v W_O^h‖ · grad norm, max over the group."""
+def slow_kvgrad(
+    view, grads, n_context: int, n_sink: int, use_value: bool = True, use_gradient: bool = True
+) -> torch.Tensor:
+    """(Hkv, T): max over queries p of softmax weight · ‖v W_O^h‖ · grad norm, max over the group
+    (a factor left out counts as one)."""
     queries = view.queries(rotated=True)[0].double()  # (H, q, D)
     keys, values = view.keys[0].double(), view.values[0].double()  # (Hkv, T + q, D)
     weight = view.output_weight.double()  # (H, D, hidden)
@@ -119,25 +122,34 @@ def slow_kvgrad(view, grads, n_context: int, n_sink: int) -> torch.Tensor:
             visible = n_context + p + 1
             weights = torch.softmax(keys[kv, :visible] @ queries[h, p] * view.scaling, 0)
             for c in range(n_context):
-                value = float((values[kv, c] @ weight[h]).norm())
-                s = float(weights[c]) * value * float(grads[0, h, p])
+                value = float((values[kv, c] @ weight[h]).norm()) if use_value else 1.0
+                s = float(weights[c]) * value * (float(grads[0, h, p]) if use_gradient else 1.0)
                 out[kv, c] = max(out[kv, c], s)
     out[:, :n_sink] = torch.inf
     assert total == n_context + q_len
     return out
 
 
-def test_kvgrad_matches_the_slow_reference_and_compresses(llama, tok):
-    scorer = Recording()
+@pytest.mark.parametrize("use_value,use_gradient", [(True, True), (False, True), (True, False)])
+def test_kvgrad_matches_the_slow_reference_and_compresses(llama, tok, use_value, use_gradient):
+    scorer = Recording(use_value=use_value, use_gradient=use_gradient)
     session = kvtrim.compress(llama, tok, sample_text(120), method=scorer, ratio=0.5)
     assert session.stats.kv_tokens_after < session.stats.kv_tokens_before
     view, grads, scores = scorer.seen[-1]
     n_context = session.context_length
-    expected = slow_kvgrad(view, grads, n_context, scorer.n_sink)
+    expected = slow_kvgrad(view, grads, n_context, scorer.n_sink, use_value, use_gradient)
     finite = torch.isfinite(expected)
     assert torch.equal(torch.isfinite(scores[0]), finite)
     torch.testing.assert_close(scores[0].double()[finite], expected[finite], rtol=1e-3, atol=1e-9)
     assert isinstance(session.ask("Which word?", max_new_tokens=3), str)
+
+
+def test_kvgrad_without_its_two_factors_is_kvzip(llama, tok):
+    context = sample_text(160)
+    bare = kvtrim.compress(llama, tok, context, spec="kvgrad:use_gradient=false:use_value=false@0.5")
+    kvzip = kvtrim.compress(llama, tok, context, spec="kvzip@0.5")
+    for mine, theirs in zip(bare.cache.layers, kvzip.cache.layers, strict=True):
+        assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)
 
 
 def test_kvgrad_is_refused_where_kvzip_is(llama, tok):

@@ -11,8 +11,10 @@ through the head's slice of the output projection (what it adds to the layer's o
 ∂Φ/∂a_p^h the gradient of the reconstruction's log-likelihood Φ with respect to head h's
 attention output at p (:mod:`kvtrim.strategies.output_gradients`: one extra forward and backward
 per reconstruction input). A kv-head takes the max over its query heads; the first ``n_sink``
-pairs are kept, as in KVzip. The backward pass makes it costlier than KVzip's reconstruction
-(4.8× its scoring time at 2k tokens on CPU, docs/results.md).
+pairs are kept, as in KVzip. ``use_value`` / ``use_gradient`` drop a factor, to measure what each
+one does (both off is KVzip's score; the backward pass runs all the same). The backward pass
+makes it costlier than KVzip's reconstruction (4.8× its scoring time at 2k tokens on CPU,
+docs/results.md).
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ class KVgrad(KVzip):
     summary = "KVzip's reconstruction attention × value's output norm × gradient of the log-likelihood."
     paper = "input × gradient over KVzip (arXiv 2505.23416)"
     needs_output_gradients: ClassVar[bool] = True
+    #: weigh each pair by ‖v_c W_O^h‖ / each query by ‖∂Φ/∂a_p^h‖ (off: a factor of one)
+    use_value: bool = True
+    use_gradient: bool = True
     #: layer -> (B, H, q) ‖∂Φ/∂a‖ of the current reconstruction forward (set by the strategy)
     output_gradients: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
@@ -56,7 +61,7 @@ class KVgrad(KVzip):
         best = torch.zeros(bsz, view.n_heads, n_context, device=values.device)  # (B, H, T)
         for h in range(view.n_heads):
             kv = h // group
-            moved = (values[:, kv] @ weight[h]).norm(dim=-1)  # (B, T) ‖v_c W_O^h‖
+            moved = (values[:, kv] @ weight[h]).norm(dim=-1) if self.use_value else 1.0  # (B, T) ‖v_c W_O^h‖
             for start in range(0, queries.shape[2], self.block_size):
                 stop = start + self.block_size
                 if lse is not None:  # exact weights from the model's own log-sum-exp
@@ -66,7 +71,7 @@ class KVgrad(KVzip):
                     block = queries[:, h : h + 1, start:stop]
                     probs = attention_probs(view, block, view.query_positions[start:stop])[:, 0, 0]
                     probs = probs[..., :n_context]  # (B, b, T)
-                weighted = probs * grads[:, h, start:stop, None]  # (B, b, T)
+                weighted = probs * grads[:, h, start:stop, None] if self.use_gradient else probs  # (B, b, T)
                 best[:, h] = torch.maximum(best[:, h], weighted.amax(dim=1) * moved)
         scores = best.view(bsz, n_kv, group, n_context).amax(dim=2)  # (B, Hkv, T)
         sinks = view.key_positions[..., :n_context].to(scores.device) < self.n_sink
