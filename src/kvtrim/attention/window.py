@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kvtrim.attention.masked import grouped_attention
 from kvtrim.attention.standins import WindowKV
 
 
@@ -34,18 +35,9 @@ def window_attention(
 ) -> torch.Tensor:
     """Every (row, head) over the pairs its window shows each query; query (B, H, q, D) -> (B, q, H, D).
 
-    The G query heads of a KV head share its keys without copying them: (B, Hkv, G·q, D) queries
-    against (B, Hkv, L, D) keys, with the mask (B, Hkv, G·q, L). The model's own mask is not used:
-    it describes contiguous slots.
+    The model's own mask is not used: it describes contiguous slots.
     """
-    batch, n_heads, q_len, dim = query.shape
-    n_kv, length = key.keys.shape[1], key.keys.shape[2]
-    group = n_heads // n_kv
+    q_len = query.shape[2]
     query_positions = key.positions[0, 0, -q_len:]  # (q,) the current tokens, alike in every head
     mask = window_mask(key.positions, query_positions, key.window)  # (B, Hkv, q, L)
-    mask = mask[:, :, None].expand(-1, -1, group, -1, -1).reshape(batch, n_kv, group * q_len, length)
-    grouped = query.reshape(batch, n_kv, group * q_len, dim)  # head h·G + g, token t -> row g·q + t
-    out = torch.nn.functional.scaled_dot_product_attention(
-        grouped, key.keys, value.values, attn_mask=mask, scale=scaling
-    )  # (B, Hkv, G·q, Dv)
-    return out.reshape(batch, n_heads, q_len, -1).transpose(1, 2).contiguous()
+    return grouped_attention(query, key.keys, value.values, mask, scaling)
