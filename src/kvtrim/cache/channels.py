@@ -14,11 +14,11 @@ import torch
 
 from kvtrim.attention.channels import select_channels
 from kvtrim.attention.standins import PrunedKeys
-from kvtrim.cache.layers import KVTrimLayer, tensor_bytes
+from kvtrim.cache.layers import DenseKVTrimLayer, tensor_bytes
 from kvtrim.cache.ragged import RaggedLayer
 
 
-class ChannelPrunedLayer(KVTrimLayer):
+class ChannelPrunedLayer(DenseKVTrimLayer):
     """A dense cache layer whose keys keep only ``channels``; new keys are pruned on entry."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, channels: torch.Tensor):
@@ -45,15 +45,6 @@ class ChannelPrunedLayer(KVTrimLayer):
 
     def nbytes(self) -> int:
         return tensor_bytes(self.keys) + tensor_bytes(self.values) + tensor_bytes(self.key_channels)
-
-    def n_pairs(self) -> int:
-        return int(self.keys.shape[0] * self.keys.shape[1] * self.keys.shape[2])
-
-    def n_heads(self) -> int:
-        return int(self.keys.shape[0] * self.keys.shape[1])
-
-    def batch_size(self) -> int:
-        return int(self.keys.shape[0])
 
     def head_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         raise ValueError("keys with pruned channels have no full-width pairs")

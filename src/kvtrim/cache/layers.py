@@ -69,6 +69,21 @@ class KVTrimLayer(CacheLayerMixin):
         raise NotImplementedError(f"a {type(self).__name__} cannot be reset; build a new cache")
 
 
+class DenseKVTrimLayer(KVTrimLayer):
+    """A kvtrim layer whose keys are one dense (B, Hkv, T, ·) tensor: its shape answers the counts."""
+
+    keys: torch.Tensor
+
+    def n_pairs(self) -> int:
+        return int(self.keys.shape[0] * self.keys.shape[1] * self.keys.shape[2])
+
+    def n_heads(self) -> int:
+        return int(self.keys.shape[0] * self.keys.shape[1])
+
+    def batch_size(self) -> int:
+        return int(self.keys.shape[0])
+
+
 def tensor_bytes(tensor: torch.Tensor | None) -> int:
     """Bytes of the storage behind ``tensor`` (what the allocator really holds for it)."""
     return 0 if tensor is None else tensor.untyped_storage().nbytes()

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 
 from kvtrim.attention.standins import WindowKV
-from kvtrim.cache.layers import KVTrimLayer, tensor_bytes
+from kvtrim.cache.layers import DenseKVTrimLayer, tensor_bytes
 
 
-class WindowLayer(KVTrimLayer):
+class WindowLayer(DenseKVTrimLayer):
     """A sliding-window layer whose heads keep some pairs of their window, each at its position."""
 
     is_sliding = True
@@ -76,15 +76,6 @@ class WindowLayer(KVTrimLayer):
 
     def nbytes(self) -> int:
         return sum(tensor_bytes(t) for t in (self.keys, self.values, self.positions))
-
-    def n_pairs(self) -> int:
-        return int(self.keys.shape[0] * self.keys.shape[1] * self.keys.shape[2])
-
-    def n_heads(self) -> int:
-        return int(self.keys.shape[0] * self.keys.shape[1])
-
-    def batch_size(self) -> int:
-        return int(self.keys.shape[0])
 
     def head_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(self.keys[0, h], self.values[0, h]) for h in range(self.keys.shape[1])]
