@@ -77,6 +77,13 @@ class ForcedRegions(Scorer):
     positions: tuple[int, ...] = ()
     name = "forced"
 
+    def __post_init__(self) -> None:
+        assert self.base is not None
+        if self.base.needs_reconstruction or self.base.query_aware:
+            raise SystemExit(f"--force needs a scorer that scores in the prefill, not {self.base.name!r}")
+        self.uses_budget = self.base.uses_budget  # what the planner asks of the scorer it wraps
+        self.chunkable = self.base.chunkable
+
     def setup(self, model, tokenizer) -> None:
         assert self.base is not None
         self.base.setup(model, tokenizer)
