@@ -20,6 +20,7 @@ import statistics
 from dataclasses import dataclass
 
 import torch
+from needle_kept import char_starts  # benchmarks/ is on the path when a script here runs
 
 import kvtrim
 from kvtrim.bench.config import BenchConfig
@@ -32,15 +33,6 @@ from kvtrim.strategies.shared_prefill import prefill_once
 
 REGIONS = ("sinks", "instructions", "key", "value", "tail", "haystack")
 NEEDLE = re.compile(r"One of the special magic [a-z]+ for [^\n]*? is: ")
-
-
-def char_starts(tokenizer, ids: list[int]) -> tuple[list[int], str]:
-    """Where each token starts in the decoded prompt, and that text."""
-    starts, text = [], ""
-    for token in ids:
-        starts.append(len(text))
-        text += tokenizer.decode([token])
-    return starts, text
 
 
 def regions(tokenizer, ids: list[int], sample: Sample, context_tokens: int) -> dict[str, list[int]]:

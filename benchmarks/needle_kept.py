@@ -22,12 +22,18 @@ from kvtrim.scorers import make_scorer
 from kvtrim.strategies.shared_prefill import prefill_once
 
 
-def value_positions(tokenizer, ids: list[int], value: str) -> list[int]:
-    """Positions of the tokens that spell ``value`` (its first occurrence) in ``ids``."""
+def char_starts(tokenizer, ids: list[int]) -> tuple[list[int], str]:
+    """Where each token starts in the prompt decoded token by token, and that text."""
     starts, text = [], ""
     for token in ids:
         starts.append(len(text))
         text += tokenizer.decode([token])
+    return starts, text
+
+
+def value_positions(tokenizer, ids: list[int], value: str) -> list[int]:
+    """Positions of the tokens that spell ``value`` (its first occurrence) in ``ids``."""
+    starts, text = char_starts(tokenizer, ids)
     at = text.find(value)
     if at < 0:
         raise SystemExit(f"{value!r} not found in the prompt")
