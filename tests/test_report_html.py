@@ -76,9 +76,8 @@ def test_the_sweep_page_holds_every_row_sorts_and_draws(browser, tmp_path):
     browser.get(page.as_uri())
     lines = SWEEP.read_text(encoding="utf-8").splitlines()[1:]
     n_rows = len(lines)
-    assert (
-        browser.execute_script("return document.querySelectorAll('#rows tbody tr').length") == n_rows == 7710
-    )
+    assert n_rows > 7000  # the committed sweep, not an empty file
+    assert browser.execute_script("return document.querySelectorAll('#rows tbody tr').length") == n_rows
     score = browser.find_elements(By.CSS_SELECTOR, "#leaderboard th")[4]
     score.click()
     ascending = _column(browser, "leaderboard", 4)
