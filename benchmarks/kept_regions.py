@@ -1,15 +1,19 @@
 """Which parts of a needle prompt a method keeps, and which of them the answer needs.
 
 For RULER needle samples, the prompt is cut into regions — the first 4 tokens (attention sinks),
-the instructions before the haystack, the needle's key phrase ("One of the special magic numbers
-for KEY is:"), its value, the last 64 context tokens, and the rest of the haystack — and the
-script prints the share of each region a method keeps in each compressed layer. With ``--force``
+the instructions before the haystack, the key phrases of the needles holding an answer ("One of
+the special magic numbers for KEY is:"), their values, the other needles (distractors, key and
+value), the last 64 context tokens, and the rest of the haystack — and the script prints the share
+of each region a method keeps in each compressed layer, and how many of the answer's values each
+layer keeps whole. Value tokens are also split by how often their token id occurs among all the
+needles' values (once, or more), which shows whether a method keeps a repeated digit less often
+than a unique one. Tasks with several needles (multikey, multivalue) are cut the same way. With ``--force``
 it then answers every sample again with the same method and budget but the named regions always
 kept (their scores set to +inf, so they displace other pairs: the kept count is unchanged), which
 tells which dropped region cost the answers. Not a test; one line per (sample, layer) and a table.
 
     OMP_NUM_THREADS=2 python benchmarks/kept_regions.py --model gemma3-270m --task niah_single_2 \\
-        --samples 10 --method tova --ratio 0.5 [--force sinks,key,value,instructions,tail]
+        --samples 10 --method tova --ratio 0.5 [--force sinks,key,value,instructions,tail] [--one-needle]
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from needle_kept import char_starts  # benchmarks/ is on the path when a script here runs
@@ -31,19 +35,29 @@ from kvtrim.scorers import make_scorer
 from kvtrim.scorers.base import LayerView, Scorer
 from kvtrim.strategies.shared_prefill import prefill_once
 
-REGIONS = ("sinks", "instructions", "key", "value", "tail", "haystack")
+REGIONS = ("sinks", "instructions", "key", "value", "distractors", "tail", "haystack")
 NEEDLE = re.compile(r"One of the special magic [a-z]+ for [^\n]*? is: ")
+NEEDLE_VALUE = re.compile(r"[0-9a-f-]+")  # a RULER needle's value: digits, or a UUID
+
+
+def needles(text: str) -> list[tuple[int, int, int]]:
+    """(key phrase start, value start, value end) character offsets of every needle in the text."""
+    out = []
+    for match in NEEDLE.finditer(text):
+        value = NEEDLE_VALUE.match(text, match.end())
+        if value is not None:
+            out.append((match.start(), value.start(), value.end()))
+    return out
 
 
 def regions(tokenizer, ids: list[int], sample: Sample, context_tokens: int) -> dict[str, list[int]]:
-    """Token positions of each region of a needle prompt (the first needle holding the value)."""
+    """Token positions of each region of a needle prompt, and ``value:i`` for the i-th answer."""
     starts, text = char_starts(tokenizer, ids)
-    value = sample.references[0]
-    at = text.find(value)
-    needle = [m for m in NEEDLE.finditer(text) if m.end() <= at]
-    if at < 0 or not needle:
-        raise SystemExit(f"no needle holding {value!r} found in the prompt")
-    key_from, key_to = needle[-1].start(), at
+    found = needles(text)
+    answers = set(sample.references)
+    holding = [n for n in found if text[n[1] : n[2]].rstrip("-") in answers]
+    if len(holding) < len(answers):
+        raise SystemExit(f"the needles holding {sorted(answers)} were not all found in the prompt")
     haystack_from = text.find("\n", text.find("afterwards")) + 1  # RULER: "...quiz you ... afterwards."
 
     def span(lo: int, hi: int) -> list[int]:
@@ -52,13 +66,68 @@ def regions(tokenizer, ids: list[int], sample: Sample, context_tokens: int) -> d
     out = {
         "sinks": list(range(4)),
         "instructions": [i for i in span(0, haystack_from) if i >= 4],
-        "key": span(key_from, key_to),
-        "value": span(at, at + len(value)),
+        "key": [i for key_at, at, _ in holding for i in span(key_at, at)],
+        "value": [i for _, at, end in holding for i in span(at, end)],
+        "distractors": [
+            i for key_at, _, end in found if (key_at, _, end) not in holding for i in span(key_at, end)
+        ],
         "tail": list(range(context_tokens - 64, context_tokens)),
     }
     taken = {i for positions in out.values() for i in positions}
     out["haystack"] = [i for i in range(context_tokens) if i not in taken]
+    for index, (_, at, end) in enumerate(holding):
+        out[f"value:{index}"] = span(at, end)
+    needle_values = [ids[i] for _, at, end in found for i in span(at, end)]
+    out["value once"] = [i for i in out["value"] if needle_values.count(ids[i]) == 1]
+    out["value repeated"] = [i for i in out["value"] if needle_values.count(ids[i]) > 1]
     return out
+
+
+def one_needle(sample: Sample) -> Sample:
+    """The sample with every needle but the first one holding an answer cut out of its context.
+
+    The needle sentences are removed with the space after them, so the haystack is otherwise the
+    same text; the references become that one value. Comparing a method's kept share of a value
+    alone and among other needles shows whether the other needles cost it the value.
+    """
+    found = needles(sample.context)
+    answers = set(sample.references)
+    first = next(n for n in found if sample.context[n[1] : n[2]] in answers)
+    text = sample.context
+    for key_at, _, end in reversed(found):
+        if (key_at, _, end) != first:
+            cut = end + 1 if text[end : end + 1] == "." else end
+            cut += 1 if text[cut : cut + 1] == " " else 0
+            text = text[:key_at] + text[cut:]
+    return replace(sample, context=text, references=[sample.context[first[1] : first[2]]])
+
+
+def whole_values(prefill, method: str, ratio: float, parts: dict[str, list[int]]) -> list[float]:
+    """Per compressed layer: how many answer values keep every token, averaged over the KV heads."""
+    out = []
+    values = [parts[name] for name in parts if name.startswith("value:")]
+    for chosen in prefill.kept[(method, ratio, "uniform")]:
+        if chosen is None:
+            continue
+        kept = chosen[0]  # (Hkv, K) kept positions
+        out.append(
+            sum(
+                torch.isin(torch.tensor(v), kept[h]).all().item()
+                for v in values
+                for h in range(kept.shape[0])
+            )
+            / kept.shape[0]
+        )
+    return out
+
+
+SHOWN = (*REGIONS, "value once", "value repeated")
+
+
+def mean_of(shares: list[float]) -> float:
+    """Mean over the shares that exist (a region can be empty in a sample: no distractors)."""
+    present = [x for x in shares if x == x]
+    return statistics.mean(present) if present else float("nan")
 
 
 @dataclass
@@ -96,7 +165,10 @@ def kept_shares(prefill, method: str, ratio: float, parts: dict[str, list[int]])
         kept = chosen[0]  # (Hkv, K) kept positions
         shares = {}
         for name, positions in parts.items():
-            where = torch.tensor(positions)
+            if not positions:
+                shares[name] = float("nan")
+                continue
+            where = torch.tensor(positions, dtype=torch.long)
             shares[name] = (
                 torch.stack([torch.isin(where, kept[h]) for h in range(kept.shape[0])]).float().mean().item()
             )
@@ -116,6 +188,11 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--force", default="", help="comma-separated region sets to force, '+' joins regions")
+    parser.add_argument(
+        "--one-needle",
+        action="store_true",
+        help="cut every needle but the first answer's out of each context",
+    )
     args = parser.parse_args()
 
     model, tokenizer = kvtrim.load_model(args.model)
@@ -128,18 +205,26 @@ def main() -> None:
         max_new_tokens=args.max_new_tokens,
     )
     samples = build_samples(config, tokenizer)[args.task]
+    if args.one_needle:
+        samples = [one_needle(sample) for sample in samples]
     chat = uses_chat_template(tokenizer, config, args.task)
     variants = ["as is"] + [v for v in args.force.split(",") if v]
     scores: dict[str, list[float]] = {v: [] for v in variants}
-    means: dict[str, list[float]] = {name: [] for name in REGIONS}
+    means: dict[str, list[float]] = {name: [] for name in SHOWN}
     for index, sample in enumerate(samples):
         _, ids = encode_context(model, tokenizer, sample.context, None, None)
         prefill = prefill_once(model, tokenizer, sample.context, [args.method], [args.ratio])
         parts = regions(tokenizer, ids, sample, len(ids))
+        whole = whole_values(prefill, args.method, args.ratio, parts)
+        n_values = sum(name.startswith("value:") for name in parts)
         for layer, shares in enumerate(kept_shares(prefill, args.method, args.ratio, parts)):
-            for name in REGIONS:
+            for name in SHOWN:
                 means[name].append(shares[name])
-            print(f"#{index} compressed layer {layer}: " + " ".join(f"{n} {shares[n]:.2f}" for n in REGIONS))
+            print(
+                f"#{index} compressed layer {layer}: "
+                + " ".join(f"{n} {shares[n]:.2f}" for n in SHOWN)
+                + f" | values whole {whole[layer]:.2f}/{n_values}"
+            )
         prefix = sample.answer_prefix.lstrip() if chat else sample.answer_prefix  # as kvtrim bench
         for variant in variants:
             forced = [i for name in variant.split("+") if variant != "as is" for i in parts[name]]
@@ -157,9 +242,7 @@ def main() -> None:
                 f"#{index} {variant:<24} score {scores[variant][-1]:5.1f}  {answer.strip()[:60]!r}",
                 flush=True,
             )
-    print(
-        "\nmean kept share per region: " + " ".join(f"{n} {statistics.mean(means[n]):.2f}" for n in REGIONS)
-    )
+    print("\nmean kept share per region: " + " ".join(f"{n} {mean_of(means[n]):.2f}" for n in SHOWN))
     print(f"\n| {args.method}@{args.ratio:g}, regions always kept | {args.task} score |\n|---|---:|")
     for variant in variants:
         print(f"| {variant} | {statistics.mean(scores[variant]):.1f} |")
