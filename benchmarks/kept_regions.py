@@ -68,9 +68,7 @@ def regions(tokenizer, ids: list[int], sample: Sample, context_tokens: int) -> d
         "instructions": [i for i in span(0, haystack_from) if i >= 4],
         "key": [i for key_at, at, _ in holding for i in span(key_at, at)],
         "value": [i for _, at, end in holding for i in span(at, end)],
-        "distractors": [
-            i for key_at, _, end in found if (key_at, _, end) not in holding for i in span(key_at, end)
-        ],
+        "distractors": [i for n in found if n not in holding for i in span(n[0], n[2])],
         "tail": list(range(context_tokens - 64, context_tokens)),
     }
     taken = {i for positions in out.values() for i in positions}
@@ -94,11 +92,10 @@ def one_needle(sample: Sample) -> Sample:
     answers = set(sample.references)
     first = next(n for n in found if sample.context[n[1] : n[2]] in answers)
     text = sample.context
-    for key_at, _, end in reversed(found):
-        if (key_at, _, end) != first:
-            cut = end + 1 if text[end : end + 1] == "." else end
-            cut += 1 if text[cut : cut + 1] == " " else 0
-            text = text[:key_at] + text[cut:]
+    for key_at, _, end in (n for n in reversed(found) if n != first):
+        cut = end + 1 if text[end : end + 1] == "." else end
+        cut += 1 if text[cut : cut + 1] == " " else 0
+        text = text[:key_at] + text[cut:]
     return replace(sample, context=text, references=[sample.context[first[1] : first[2]]])
 
 
