@@ -2,7 +2,7 @@
 (their memory really freed), kvtrim's own layer types, byte accounting and snapshots."""
 
 from kvtrim.cache.channels import ChannelPrunedLayer
-from kvtrim.cache.keep import KeptLayer, gather_positions, keep_selected, left_padded_index
+from kvtrim.cache.keep import KeptLayer, gather_pairs, keep_selected, left_padded_index
 from kvtrim.cache.layers import (
     KVTrimLayer,
     cache_bytes,
@@ -33,7 +33,7 @@ __all__ = [
     "cache_bytes",
     "cache_tokens",
     "compact",
-    "gather_positions",
+    "gather_pairs",
     "has_pruned_channels",
     "head_pairs",
     "is_first_forward",

@@ -20,14 +20,28 @@ class KeptLayer:
     per_head: float  # pairs kept per head (a mean for a ragged layer)
 
 
-def gather_positions(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """Keep ``indices`` along the sequence axis, in a new contiguous tensor.
+def gather_pairs(
+    keys: torch.Tensor, values: torch.Tensor, indices: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep ``indices`` (B, Hkv, K) along the sequence axis of keys and values (B, Hkv, T, D), in
+    new contiguous tensors (B, Hkv, K, D): the row index is computed once, then one
+    ``index_select`` per tensor copies whole rows (several times faster than advanced indexing)."""
+    rows = flat_rows(indices, keys.shape[2])  # (B·Hkv·K,)
+    kept_keys = tensor_rows(keys).index_select(0, rows).view(*indices.shape, *keys.shape[3:])
+    kept_values = tensor_rows(values).index_select(0, rows).view(*indices.shape, *values.shape[3:])
+    return kept_keys, kept_values
 
-    tensor: (B, Hkv, T, D), indices: (B, Hkv, K) -> (B, Hkv, K, D)
-    """
-    batch = torch.arange(tensor.shape[0], device=tensor.device)[:, None, None]  # (B, 1, 1)
-    heads = torch.arange(tensor.shape[1], device=tensor.device)[None, :, None]  # (1, Hkv, 1)
-    return tensor[batch, heads, indices]  # advanced indexing: a new contiguous tensor
+
+def tensor_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """(B, Hkv, T, D) -> (B·Hkv·T, D): a view when the tensor is contiguous."""
+    return tensor.reshape(-1, *tensor.shape[3:])
+
+
+def flat_rows(indices: torch.Tensor, seq: int) -> torch.Tensor:
+    """(B, Hkv, K) positions in sequences of ``seq`` -> (B·Hkv·K,) rows of (B·Hkv·T, D)."""
+    n_seqs = indices.shape[0] * indices.shape[1]
+    starts = torch.arange(0, n_seqs * seq, seq, device=indices.device).view(*indices.shape[:2], 1)
+    return (indices + starts).reshape(-1)
 
 
 def left_padded_index(kept: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
@@ -60,8 +74,7 @@ def keep_selected(layer: Any, chosen: torch.Tensor, merge: bool = False) -> Kept
             ragged_layer = RaggedLayer.from_mask(keys, values, chosen)
             return KeptLayer(ragged_layer, None, int(counts.sum()) / counts.numel())
         chosen = chosen.nonzero()[:, -1].view(*counts.shape, -1)  # (B, Hkv, K) sorted
-    layer.keys = gather_positions(keys, chosen)
-    layer.values = gather_positions(values, chosen)
+    layer.keys, layer.values = gather_pairs(keys, values, chosen)
     return KeptLayer(layer, chosen, chosen.shape[-1])
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from kvtrim.core.hooks import attention_hooks
 from kvtrim.core.stats import CompressionStats
-from kvtrim.engine.call import LayerCall
+from kvtrim.engine.call import ForwardPositions, LayerCall
 from kvtrim.models.adapters import check_supported, hooked_layers, layer_internals
 
 
@@ -42,6 +42,7 @@ class Compressor:
         self.stats = CompressionStats()
         self._layers = hooked_layers(model)
         self._internals = layer_internals(model)
+        self._positions = ForwardPositions()
 
     @property
     def n_layers(self) -> int:
@@ -75,5 +76,6 @@ class Compressor:
             kwargs,
             projected,
             self.question_tokens if hidden.shape[1] > self.question_tokens else 0,  # not while decoding
+            self._positions,
         )
         self.schedule.on_forward(call)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from kvtrim.cache.cam import cam_merge
-from kvtrim.cache.keep import gather_positions, keep_mask
+from kvtrim.cache.keep import gather_pairs, keep_mask
 from kvtrim.cache.merge import merge_evicted
 from kvtrim.core.selection import top_indices
 from kvtrim.core.stats import CompressionStats
@@ -110,7 +110,6 @@ class DecodingSchedule(Schedule):
         elif self.evicted == "cam":
             draws = torch.Generator().manual_seed(call.seed * 1_000_003 + call.idx * 10_007 + count)
             values = cam_merge(values, keep_mask(chosen, keys.shape[-2]), scores, draws)  # (B, Hkv, T, D)
-        layer.keys = gather_positions(keys, chosen)
-        layer.values = gather_positions(values, chosen)
+        layer.keys, layer.values = gather_pairs(keys, values, chosen)
         self.positions.remember(call.idx, keys, key_positions, chosen)
         call.stats.decode_evictions += 1

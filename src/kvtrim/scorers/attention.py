@@ -12,18 +12,27 @@ import torch
 from kvtrim.scorers.base import LayerView
 
 
-def attention_probs(view: LayerView, queries: torch.Tensor, query_positions: torch.Tensor) -> torch.Tensor:
+def attention_probs(
+    view: LayerView, queries: torch.Tensor, query_positions: torch.Tensor, visible_only: bool = False
+) -> torch.Tensor:
     """Causal softmax attention of ``queries`` over every cached key, in float32.
 
     queries: (B, H, W, D) post-RoPE, at absolute positions ``query_positions`` (W,). A query sees
     the keys at positions ≤ its own, so causality holds inside the current forward as well.
     Returns (B, Hkv, G, W, T): query head h = j·G + g reads kv-head j, as in ``repeat_kv``.
+    ``visible_only`` leaves out the keys after the last query, which none of them sees:
+    (B, Hkv, G, W, T') with T' the count of keys at positions ≤ max(query_positions).
     """
     bsz, n_kv, seq, dim = view.keys.shape
-    q = queries.float().reshape(bsz, n_kv, view.group_size, -1, dim)  # (B, Hkv, G, W, D)
-    logits = view.scaling * torch.einsum("bjgwd,bjtd->bjgwt", q, view.keys.float())  # (B, Hkv, G, W, T)
-    key_pos = view.key_positions.to(logits.device)  # (T,) ascending
-    query_pos = query_positions.to(logits.device)  # (W,)
+    key_pos = view.key_positions.to(queries.device)  # (T,) ascending
+    query_pos = query_positions.to(queries.device)  # (W,)
+    keys = view.keys
+    if visible_only:
+        seq = int(torch.searchsorted(key_pos, query_pos.max(), right=True))
+        keys, key_pos = keys[:, :, :seq], key_pos[:seq]
+    q = queries.float().reshape(bsz, n_kv, -1, dim)  # (B, Hkv, G·W, D)
+    logits = (q @ keys.float().transpose(-1, -2)).mul_(view.scaling)  # (B, Hkv, G·W, T)
+    logits = logits.view(bsz, n_kv, view.group_size, -1, seq)  # (B, Hkv, G, W, T)
     # only keys after the first query can be in some query's future: mask just those columns
     cut = int(torch.searchsorted(key_pos, query_pos.min(), right=True))
     if cut < seq:

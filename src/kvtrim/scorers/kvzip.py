@@ -45,8 +45,9 @@ class KVzip(Scorer):
     #: tokens of the previous chunk restated at the start of the next one
     overlap: int = 8
     n_sink: int = 4
-    #: reconstruction queries scored at once: memory grows as H · block_size · T, never T²
-    block_size: int = 256
+    #: reconstruction queries scored at once: memory grows as H · block_size · T, never T²; small
+    #: blocks keep each block's logits in cache for the max that follows (64: ~1.5× faster than 256)
+    block_size: int = 64
     prompt: str = "Repeat the previous context exactly."
     continue_prompt: str = "Repeat the part of the previous context exactly, starting with"
 
@@ -96,25 +97,23 @@ class KVzip(Scorer):
         """Max attention from this forward's queries to each context pair: (B, Hkv, n_context).
 
         With the model's log-sum-exp the weights are exp(s·q·k − lse) exactly, so only the context
-        columns are computed and no softmax is run: one product per block of queries, whose extra
-        column −lse meets a column of ones appended to the keys, then a max.
+        columns are computed and no softmax is run: one product per block of queries, minus each
+        query's lse, then a max (and one exp per pair at the end).
         """
         if lse is None:
             return super().score_reconstruction(view, lse, n_context)
         bsz, n_kv, _, dim = view.keys.shape
         queries = view.queries(rotated=True).float() * view.scaling  # (B, H, q, D)
         q_len = queries.shape[2]
-        rows = torch.cat([queries, -lse.float()[..., None]], dim=-1)  # (B, H, q, D + 1)
-        rows = rows.reshape(bsz, n_kv, -1, dim + 1)  # (B, Hkv, G·q, D + 1), row g·q + t
-        keys = view.keys[:, :, :n_context].float()  # (B, Hkv, T, D)
-        keys = torch.cat([keys, keys.new_ones(*keys.shape[:3], 1)], dim=-1).transpose(
-            -1, -2
-        )  # (B, Hkv, D + 1, T)
+        rows = queries.reshape(bsz, n_kv, -1, dim)  # (B, Hkv, G·q, D), row g·q + t
+        offsets = lse.float().reshape(bsz, n_kv, -1, 1)  # (B, Hkv, G·q, 1)
+        # (B, Hkv, D, T), contiguous: a product with it runs ~1.4× faster than with a strided slice
+        keys = view.keys[:, :, :n_context].float().transpose(-1, -2).contiguous()
         best = None
         step = self.block_size * (rows.shape[2] // q_len)  # block_size queries of each of the G heads
         for start in range(0, rows.shape[2], step):
-            logits = rows[:, :, start : start + step] @ keys  # (B, Hkv, b, T): s·q·k − lse
-            block_best = logits.amax(dim=2)
+            logits = rows[:, :, start : start + step] @ keys  # (B, Hkv, b, T): s·q·k
+            block_best = logits.sub_(offsets[:, :, start : start + step]).amax(dim=2)  # s·q·k − lse
             best = block_best if best is None else torch.maximum(best, block_best)
         assert best is not None
         best = best.exp_()  # (B, Hkv, T)

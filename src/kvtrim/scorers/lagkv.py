@@ -35,14 +35,34 @@ TAIL_SCORE = 2.0
 
 
 def lag_relative_score(states: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """states: (B, Hkv, P + 1, L, D) whole partitions -> (B, Hkv, P, L): softmax over each partition
+    """states: (..., P + 1, L, D) whole partitions -> (..., P, L): softmax over each partition
     of std over channels of its states min-max normalised by the next partition."""
-    ref = states[:, :, 1:]  # (B, Hkv, P, L, D), the reference of each judged partition
-    judged = states[:, :, :-1]  # (B, Hkv, P, L, D)
-    low = ref.amin(dim=-2, keepdim=True)  # (B, Hkv, P, 1, D)
-    high = ref.amax(dim=-2, keepdim=True)  # (B, Hkv, P, 1, D)
-    normalised = (judged - low) / (high - low).clamp_min(eps)  # (B, Hkv, P, L, D)
-    return normalised.std(dim=-1).softmax(dim=-1)  # (B, Hkv, P, L)
+    ref = states[..., 1:, :, :]  # (..., P, L, D), the reference of each judged partition
+    judged = states[..., :-1, :, :]  # (..., P, L, D)
+    low = ref.amin(dim=-2, keepdim=True)  # (..., P, 1, D)
+    high = ref.amax(dim=-2, keepdim=True)  # (..., P, 1, D)
+    normalised = (judged - low) / (high - low).clamp_min(eps)  # (..., P, L, D)
+    return channel_std(normalised).softmax(dim=-1)  # (..., P, L)
+
+
+def channel_std(x: torch.Tensor) -> torch.Tensor:
+    """(..., D) -> (...): std over the last axis with Bessel's correction, in two float64 passes.
+
+    ``torch.std`` on CPU accumulates floats in float64 too, with a Welford kernel that is several
+    times slower on rows of a few dozen channels; both round to the same float32 values (the
+    rare exception differs in the last bit).
+    """
+    x64 = x.double()
+    centred = x64 - x64.mean(dim=-1, keepdim=True)  # (..., D)
+    return centred.square_().sum(dim=-1).div_(x.shape[-1] - 1).sqrt_().to(x.dtype)
+
+
+def ranks_in_partitions(scores: torch.Tensor) -> torch.Tensor:
+    """(..., L) -> (..., L) float: each score's rank in its partition (0 = lowest), the inverse
+    of its ``argsort`` (one sort and a scatter instead of sorting twice)."""
+    order = scores.argsort(dim=-1)  # (..., L)
+    steps = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)  # (..., L)
+    return torch.empty_like(order).scatter_(-1, order, steps).float()
 
 
 @dataclass
@@ -66,12 +86,13 @@ class LagKV(Scorer):
         n_parts = max(seq - self.n_sink, 0) // self.lag_size  # whole partitions after the sinks
         if n_parts >= 2:
             end = self.n_sink + n_parts * self.lag_size
-            shape = (bsz, n_kv, n_parts, self.lag_size, dim)
+            shape = (bsz, n_kv, n_parts, self.lag_size, -1)
             keys = view.keys[:, :, self.n_sink : end].float().reshape(shape)  # (B, Hkv, P + 1, L, D)
             values = view.values[:, :, self.n_sink : end].float().reshape(shape)  # (B, Hkv, P + 1, L, D)
-            judged = (lag_relative_score(keys) + lag_relative_score(values)) / 2  # (B, Hkv, P, L)
+            relative = lag_relative_score(keys), lag_relative_score(values)  # (B, Hkv, P, L) each
+            judged = (relative[0] + relative[1]) / 2  # (B, Hkv, P, L)
             if not self.cross_scoring:
-                judged = judged.argsort(dim=-1).argsort(dim=-1).float() / self.lag_size  # rank in partition
+                judged = ranks_in_partitions(judged) / self.lag_size  # rank in partition
             scores[..., self.n_sink : end - self.lag_size] = judged.reshape(bsz, n_kv, -1)  # (B, Hkv, P·L)
         scores[..., : self.n_sink] = torch.inf
         return scores

@@ -22,10 +22,32 @@ import torch
 
 from kvtrim.scorers.base import LayerView, Scorer
 
+#: smallest ratio of the Cholesky factor's diagonal entries (√ of the Gram matrix's pivots) for
+#: which the triangular solve is used; below it the keys are close to rank-deficient and the
+#: eigendecomposition decides which directions are absent (``rcond``)
+CHOLESKY_PIVOT_RATIO = 1e-5
+
 
 def leverage_scores(keys: torch.Tensor, rcond: float = 1e-6) -> torch.Tensor:
-    """keys: (B, Hkv, T, D) -> (B, Hkv, T) row leverage diag(K (KᵀK)⁺ Kᵀ), in the keys' dtype."""
+    """keys: (B, Hkv, T, D) -> (B, Hkv, T) row leverage diag(K (KᵀK)⁺ Kᵀ), in the keys' dtype.
+
+    A well-conditioned Gram matrix KᵀK = LLᵀ gives the leverage as ‖L⁻¹k‖²: a Cholesky
+    factorisation, the D × D inverse of L and one product with the keys, about half the cost of
+    the eigendecomposition; otherwise its pseudo-inverse handles the absent directions.
+    """
     gram = keys.transpose(-1, -2) @ keys  # (B, Hkv, D, D)
+    factor, info = torch.linalg.cholesky_ex(gram)  # (B, Hkv, D, D) lower
+    pivots = factor.diagonal(dim1=-2, dim2=-1)  # (B, Hkv, D)
+    if not bool(info.any()) and bool((pivots.amin(-1) > CHOLESKY_PIVOT_RATIO * pivots.amax(-1)).all()):
+        eye = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)  # (D, D)
+        inverse = torch.linalg.solve_triangular(factor, eye, upper=False)  # (B, Hkv, D, D): L⁻¹
+        return (keys @ inverse.transpose(-1, -2)).square().sum(dim=-1)  # (B, Hkv, T): ‖L⁻¹k‖²
+    return pseudo_inverse_leverage(keys, gram, rcond)
+
+
+def pseudo_inverse_leverage(keys: torch.Tensor, gram: torch.Tensor, rcond: float) -> torch.Tensor:
+    """Leverage through the eigendecomposition of ``gram`` = KᵀK (B, Hkv, D, D): directions with
+    S below ``rcond``·S_max count as absent. keys: (B, Hkv, T, D) -> (B, Hkv, T)."""
     eigvals, eigvecs = torch.linalg.eigh(gram)  # (B, Hkv, D), (B, Hkv, D, D); eigvals = S²
     top = eigvals.amax(dim=-1, keepdim=True)  # (B, Hkv, 1)
     present = eigvals > top * rcond**2  # (B, Hkv, D): S > rcond·S_max

@@ -7,7 +7,8 @@ query i sees keys ≤ i), so that early keys are not favoured just for being see
 the score is the *mean* attention a key received — then averaged over the GQA group.
 
 The attention matrix is recomputed from the queries block by block (``block_size`` query rows at
-a time), so memory grows as H·block_size·T, never as T².
+a time), each block over the keys it can see only (its causal prefix), so memory grows as
+H·block_size·T, never as T², and the work is the causal half of the matrix.
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ class ObservedAttention(Scorer):
         for start in range(0, queries.shape[2], self.block_size):
             stop = start + self.block_size
             block = queries[:, :, start:stop]  # (B, H, b, D)
-            probs = attention_probs(view, block, query_pos[start:stop])  # (B, Hkv, G, b, T)
-            total += probs.sum(dim=(2, 3))  # (B, Hkv, T)
+            probs = attention_probs(
+                view, block, query_pos[start:stop], visible_only=True
+            )  # (B, Hkv, G, b, T')
+            total[..., : probs.shape[-1]] += probs.sum(dim=(2, 3))  # (B, Hkv, T')
         key_pos = view.key_positions.to(queries.device)  # (T,)
         # queries at a position ≥ the key's: all of them past the first such query
         seen_by = len(query_pos) - torch.searchsorted(query_pos, key_pos, side="left")  # (T,)

@@ -33,14 +33,14 @@ def snapkv_scores(view: LayerView, window: int, kernel_size: int) -> torch.Tenso
     queries = view.queries(rotated=True, last=n_window)  # (B, H, W, D)
     window_pos = view.query_positions[-n_window:]  # (W,)
     probs = attention_probs(view, queries, window_pos)  # (B, Hkv, G, W, T)
-    in_window = view.key_positions.to(probs.device) >= window_pos[0].to(probs.device)  # (T,)
-    votes = probs.mean(dim=3)[..., ~in_window]  # (B, Hkv, G, T − W)
+    # key positions ascend, so the keys before the window are a prefix
+    n_before = int(torch.searchsorted(view.key_positions.to(probs.device), window_pos[0].to(probs.device)))
+    votes = probs.mean(dim=3)[..., :n_before]  # (B, Hkv, G, T − W)
     scores = torch.full((bsz, n_kv, seq), torch.inf, device=probs.device)  # (B, Hkv, T)
-    if votes.shape[-1]:
+    if n_before:
         flat = votes.reshape(bsz, n_kv * view.group_size, -1)  # (B, H, T − W)
         pooled = F.avg_pool1d(flat, kernel_size, stride=1, padding=kernel_size // 2)  # (B, H, T − W)
-        pooled = pooled.view(bsz, n_kv, view.group_size, -1).mean(dim=2)  # (B, Hkv, T − W)
-        scores[..., ~in_window] = pooled
+        scores[..., :n_before] = pooled.view(bsz, n_kv, view.group_size, -1).mean(dim=2)  # (B, Hkv, T − W)
     return scores
 
 

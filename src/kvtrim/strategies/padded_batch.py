@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kvtrim.cache.keep import gather_positions, left_padded_index
+from kvtrim.cache.keep import gather_pairs, left_padded_index
 from kvtrim.cache.layers import layer_bytes
 from kvtrim.core.errors import KVTrimError
 from kvtrim.engine.call import LayerCall
@@ -69,8 +69,7 @@ class PaddedEviction(Schedule):
                 raise KVTrimError("Batches work with budgets that keep as many pairs in every head.")
             kept.append(chosen[0] + pad)
         index, padding = left_padded_index(kept)  # (B, Hkv, width)
-        layer.keys = gather_positions(keys, index)  # (B, Hkv, width, D)
-        layer.values = gather_positions(values, index)
+        layer.keys, layer.values = gather_pairs(keys, values, index)  # (B, Hkv, width, D) each
         self.padding_after.append(padding)
         stats = call.stats
         stats.layers_compressed += 1

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from kvtrim.budgets.base import Budget
-from kvtrim.cache.keep import gather_positions, left_padded_index
+from kvtrim.cache.keep import gather_pairs, left_padded_index
 from kvtrim.cache.layers import cache_bytes
 from kvtrim.core.errors import KVTrimError
 from kvtrim.core.ratios import check_ratio
@@ -71,8 +71,7 @@ class SharedBatchPrefill:
             ]  # B × (Hkv, K_b) indices into the padded layout
             index, padding = left_padded_index(kept)  # (B, Hkv, width)
             pruned = copy.copy(layer)
-            pruned.keys = gather_positions(layer.keys, index)  # (B, Hkv, width, D)
-            pruned.values = gather_positions(layer.values, index)
+            pruned.keys, pruned.values = gather_pairs(layer.keys, layer.values, index)  # (B, Hkv, width, D)
             cache.layers.append(pruned)
         session = BatchSession(
             model=self.model,
