@@ -22,6 +22,7 @@ import time
 import torch
 
 import kvtrim
+import kvtrim.core.hooks as hooks_module
 from kvtrim.bench.tasks.needle import needle_sample
 from kvtrim.generation import greedy_decode
 from kvtrim.models.prompting import encode
@@ -31,21 +32,29 @@ MIB = 1024 * 1024
 
 
 class TimedScorer:
-    """A scorer whose ``score`` calls are timed: the scorer's own work, without the selection and
-    the copy of the kept pairs that the whole compression adds."""
+    """A scorer whose scoring calls are timed (``score``, and ``score_reconstruction`` for the
+    reconstruction scorers): the scorer's own work, without the selection and the copy of the
+    kept pairs that the whole compression adds, nor a reconstruction scorer's extra forwards."""
 
     def __init__(self, method: str):
         self.scorer = make_scorer(method)
         self.seconds = 0.0
-        score = self.scorer.score
+        self._depth = 0  # score_reconstruction may call score: time the outer call only
+        for name in ("score", "score_reconstruction"):
+            setattr(self.scorer, name, self._timed(getattr(self.scorer, name)))
 
-        def timed(view):  # noqa: ANN001, ANN202
+    def _timed(self, function):  # noqa: ANN001, ANN202
+        def timed(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
             start = time.perf_counter()
-            scores = score(view)
-            self.seconds += time.perf_counter() - start
-            return scores
+            self._depth += 1
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self._depth -= 1
+                if not self._depth:
+                    self.seconds += time.perf_counter() - start
 
-        self.scorer.score = timed  # type: ignore[method-assign]
+        return timed
 
     def run(self, model, tokenizer, context: str, ratio: float) -> tuple[kvtrim.Session, float]:
         self.seconds = 0.0
@@ -94,11 +103,39 @@ def scoring_rows(
     return rows
 
 
+class CallbackClock:
+    """Seconds spent inside kvtrim's hook callbacks: the hooks' own work, a figure free of the
+    run-to-run noise that the wall-clock ratios carry (PyTorch's dispatch of the hooks not included)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        for name in ("_on_projection", "_on_attention"):
+            setattr(hooks_module, name, self._timed_factory(getattr(hooks_module, name)))
+
+    def _timed_factory(self, factory):  # noqa: ANN001, ANN202
+        def make(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            hook = factory(*args, **kwargs)
+
+            def timed(*hook_args, **hook_kwargs):  # noqa: ANN002, ANN003, ANN202
+                start = time.perf_counter()
+                try:
+                    return hook(*hook_args, **hook_kwargs)
+                finally:
+                    self.seconds += time.perf_counter() - start
+
+            return timed
+
+        return make
+
+
 @torch.inference_mode()
-def hooks_row(model, tokenizer, context: str, question: str, decode: int, repeats: int) -> dict:
+def hooks_row(
+    model, tokenizer, context: str, question: str, decode: int, repeats: int, clock: CallbackClock
+) -> dict:
     """Wall time of the same prompt and the same number of new tokens: plain ``model.generate``,
     ``generate`` inside ``kvtrim.compressing(model, "none")`` (the hooks attached), and
-    ``kvtrim.compress(method="none")`` + ``Session.answer`` — interleaved, medians of ``repeats``."""
+    ``kvtrim.compress(method="none")`` + ``Session.answer`` — interleaved, medians of ``repeats``;
+    and the time spent inside the hook callbacks during the hooked ``generate``."""
     session = kvtrim.compress(model, tokenizer, context, method="none", ratio=0.0)
     prompt = session.layout.context_text + session.layout.question_text(question)
     ids = tokenizer(prompt, add_special_tokens=session.layout.add_special_tokens, return_tensors="pt")[
@@ -108,15 +145,18 @@ def hooks_row(model, tokenizer, context: str, question: str, decode: int, repeat
     options = dict(
         max_new_tokens=decode, min_new_tokens=decode, do_sample=False, pad_token_id=tokenizer.eos_token_id
     )
-    times: dict[str, list[float]] = {"generate": [], "generate+hooks": [], "compress+answer": []}
+    names = ("generate", "generate+hooks", "compress+answer", "callbacks")
+    times: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(repeats):
         start = time.perf_counter()
         plain = model.generate(ids, **options)
         times["generate"].append(time.perf_counter() - start)
+        clock.seconds = 0.0
         start = time.perf_counter()
         with kvtrim.compressing(model, "none", ratio=0.0):
             hooked = model.generate(ids, **options)
         times["generate+hooks"].append(time.perf_counter() - start)
+        times["callbacks"].append(clock.seconds)
         assert torch.equal(plain, hooked), "the hooks changed generate's tokens"
         start = time.perf_counter()
         session = kvtrim.compress(model, tokenizer, context, method="none", ratio=0.0)
@@ -128,7 +168,8 @@ def hooks_row(model, tokenizer, context: str, question: str, decode: int, repeat
     ratio = {name: medians[name] / medians["generate"] for name in medians}
     print(
         f"{row['tokens']:>6} generate {medians['generate']:.2f} s | with hooks "
-        f"{medians['generate+hooks']:.2f} s ({ratio['generate+hooks']:.3f}x) | "
+        f"{medians['generate+hooks']:.2f} s ({ratio['generate+hooks']:.3f}x; callbacks "
+        f"{medians['callbacks'] * 1000:.0f} ms, {medians['callbacks'] / medians['generate+hooks']:.2%}) | "
         f"compress+answer {medians['compress+answer']:.2f} s "
         f"({ratio['compress+answer']:.3f}x, {row['answer_tokens']} tokens)",
         flush=True,
@@ -168,9 +209,10 @@ def main() -> None:
     for sample in samples.values() if args.only != "hooks" else ():
         scoring += scoring_rows(model, tokenizer, sample.context, methods, args.ratio, args.repeats)
     print("\nHooks: the same prompt and new tokens, plain transformers against kvtrim with method none")
+    clock = CallbackClock()
     for sample in samples.values() if args.only != "scoring" else ():
         hooks.append(
-            hooks_row(model, tokenizer, sample.context, sample.question, args.decode, args.repeats + 1)
+            hooks_row(model, tokenizer, sample.context, sample.question, args.decode, args.repeats + 1, clock)
         )
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:

@@ -60,7 +60,10 @@ class CAPKV(Scorer):
         scaled = values[:, :, None] * (weights + self.epsilon).sqrt()[..., None]  # (B, Hkv, G, M, Dv)
         eye = torch.eye(values.shape[-1], device=values.device)
         capacity = eye + scaled.transpose(-1, -2) @ scaled  # (B, Hkv, G, Dv, Dv)
-        vt = values.transpose(-1, -2)[:, :, None].expand(-1, -1, group, -1, -1)  # (B, Hkv, G, Dv, M)
-        leverage = (vt * torch.linalg.solve(capacity, vt)).sum(dim=-2)  # (B, Hkv, G, M)
+        # A = LLᵀ always exists (A ⪰ I), and vᵀA⁻¹v = ‖L⁻¹v‖²: one Dv × Dv inverse and one product
+        # with the values, instead of a solve with M right-hand sides per query head
+        factor = torch.linalg.cholesky(capacity)  # (B, Hkv, G, Dv, Dv) lower
+        inverse = torch.linalg.solve_triangular(factor, eye.expand_as(factor), upper=False)  # L⁻¹
+        leverage = (values[:, :, None] @ inverse.transpose(-1, -2)).square().sum(dim=-1)  # (B, Hkv, G, M)
         scores[..., self.n_sink :] = (weights * leverage).mean(dim=2)
         return scores

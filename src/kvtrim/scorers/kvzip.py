@@ -45,9 +45,8 @@ class KVzip(Scorer):
     #: tokens of the previous chunk restated at the start of the next one
     overlap: int = 8
     n_sink: int = 4
-    #: reconstruction queries scored at once: memory grows as H · block_size · T, never T²; small
-    #: blocks keep each block's logits in cache for the max that follows (64: ~1.5× faster than 256)
-    block_size: int = 64
+    #: reconstruction queries scored at once: memory grows as H · block_size · T, never T²
+    block_size: int = 128
     prompt: str = "Repeat the previous context exactly."
     continue_prompt: str = "Repeat the part of the previous context exactly, starting with"
 
@@ -97,7 +96,8 @@ class KVzip(Scorer):
         """Max attention from this forward's queries to each context pair: (B, Hkv, n_context).
 
         With the model's log-sum-exp the weights are exp(s·q·k − lse) exactly, so only the context
-        columns are computed and no softmax is run: one product per block of queries, minus each
+        columns are computed and no softmax is run: one product of the keys with each block of
+        queries, keys along the rows so that the max runs along contiguous memory, minus each
         query's lse, then a max (and one exp per pair at the end).
         """
         if lse is None:
@@ -105,15 +105,14 @@ class KVzip(Scorer):
         bsz, n_kv, _, dim = view.keys.shape
         queries = view.queries(rotated=True).float() * view.scaling  # (B, H, q, D)
         q_len = queries.shape[2]
-        rows = queries.reshape(bsz, n_kv, -1, dim)  # (B, Hkv, G·q, D), row g·q + t
-        offsets = lse.float().reshape(bsz, n_kv, -1, 1)  # (B, Hkv, G·q, 1)
-        # (B, Hkv, D, T), contiguous: a product with it runs ~1.4× faster than with a strided slice
-        keys = view.keys[:, :, :n_context].float().transpose(-1, -2).contiguous()
+        rows = queries.reshape(bsz, n_kv, -1, dim).transpose(-1, -2)  # (B, Hkv, D, G·q), column g·q + t
+        offsets = lse.float().reshape(bsz, n_kv, 1, -1)  # (B, Hkv, 1, G·q)
+        keys = view.keys[:, :, :n_context].float()  # (B, Hkv, T, D)
         best = None
-        step = self.block_size * (rows.shape[2] // q_len)  # block_size queries of each of the G heads
-        for start in range(0, rows.shape[2], step):
-            logits = rows[:, :, start : start + step] @ keys  # (B, Hkv, b, T): s·q·k
-            block_best = logits.sub_(offsets[:, :, start : start + step]).amax(dim=2)  # s·q·k − lse
+        step = self.block_size * (rows.shape[-1] // q_len)  # block_size queries of each of the G heads
+        for start in range(0, rows.shape[-1], step):
+            logits = keys @ rows[..., start : start + step]  # (B, Hkv, T, b): s·q·k
+            block_best = logits.sub_(offsets[..., start : start + step]).amax(dim=-1)  # s·q·k − lse
             best = block_best if best is None else torch.maximum(best, block_best)
         assert best is not None
         best = best.exp_()  # (B, Hkv, T)
