@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
 
 import pytest
 import torch
@@ -217,6 +219,7 @@ def test_varlen_packing_of_ragged_heads_equals_the_per_head_loop(arch, tokenizer
     from kvtrim.attention import ragged
 
     model = make_model(arch)
+    monkeypatch.setattr(ragged, "_compiled_kernel_for", lambda query, key: None)  # the loop on CPU
     session = kvtrim.compress(model, tokenizer, sample_text(200), "knorm", ratio=0.5, budget="adaptive")
     assert len(set(session.cache.layers[0].head_lengths())) > 1
     loop = session.answer("which?", max_new_tokens=6)
@@ -232,13 +235,44 @@ def test_varlen_packing_of_ragged_heads_equals_the_per_head_loop(arch, tokenizer
     varlen = session.answer("which?", max_new_tokens=6)
     assert calls and varlen.token_ids == loop.token_ids
     # and the same logits for one decoding step
+    got = _one_step_logits(model, session)
+    monkeypatch.setattr(ragged, "_varlen_kernel_for", lambda query, key: None)
+    torch.testing.assert_close(got, _one_step_logits(model, session), atol=1e-5, rtol=1e-5)
+
+
+def _one_step_logits(model, session) -> torch.Tensor:
+    """The logits of one decoding step over the session's cache, which is put back afterwards."""
+    step = dict(input_ids=torch.tensor([[5]]), position_ids=torch.tensor([[session.context_length]]))
+    snapshot = CacheSnapshot.take(session.cache)
     with torch.inference_mode():
-        start = session.context_length
-        step = dict(input_ids=torch.tensor([[5]]), position_ids=torch.tensor([[start]]))
-        snapshot = CacheSnapshot.take(session.cache)
-        got = model(**step, cache=session.cache).logits
-        snapshot.restore(session.cache)
-        monkeypatch.setattr(ragged, "_varlen_kernel_for", lambda query, key: None)
-        expected = model(**step, cache=session.cache).logits
-        snapshot.restore(session.cache)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        logits = model(**step, cache=session.cache).logits
+    snapshot.restore(session.cache)
+    return logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_the_compiled_cpu_kernel_decodes_as_the_per_head_loop(arch, tokenizer, monkeypatch):
+    """Decoding steps over ragged layers go through the compiled CPU kernel (one call per layer)
+    and give the per-head loop's tokens and logits."""
+    from kvtrim.attention import ragged
+
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler here: kvtrim runs the per-head loop")
+    model = make_model(arch)
+    session = kvtrim.compress(model, tokenizer, sample_text(200), "knorm", ratio=0.5, budget="adaptive")
+    assert len(set(session.cache.layers[0].head_lengths())) > 1
+    calls = []
+    compiled_for = ragged._compiled_kernel_for
+
+    def counted(query, key):
+        kernel = compiled_for(query, key)
+        calls.append(kernel is not None)
+        return kernel
+
+    monkeypatch.setattr(ragged, "_compiled_kernel_for", counted)
+    compiled = session.answer("which?", max_new_tokens=6)
+    assert any(calls), "decoding steps run the compiled kernel"
+    got = _one_step_logits(model, session)
+    monkeypatch.setattr(ragged, "_compiled_kernel_for", lambda query, key: None)
+    assert session.answer("which?", max_new_tokens=6).token_ids == compiled.token_ids
+    torch.testing.assert_close(got, _one_step_logits(model, session), atol=1e-5, rtol=1e-5)

@@ -3,11 +3,14 @@ merged by log-sum-exp, against attention over the plainly concatenated keys of e
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kvtrim.attention import ragged
+from kvtrim.attention import ragged, ragged_cpu
 from kvtrim.attention.partial import attend, attend_written_out, merge
 from kvtrim.attention.ragged import ragged_attention, reference_varlen_attn
 from kvtrim.cache.ragged import RaggedLayer
@@ -87,6 +90,29 @@ def test_decoding_over_a_ragged_layer_equals_each_head_over_its_own_pairs(length
     for h in range(HKV):
         torch.testing.assert_close(layer.head_keys[h][0], keys[h])
         torch.testing.assert_close(layer.head_values[h][0], values[h])
+
+
+@pytest.mark.parametrize("lengths", [[4, 9, 2], [0, 6, 3], [1, 1, 40]])
+def test_the_compiled_cpu_kernel_equals_the_per_head_path(lengths, monkeypatch):
+    """The compiled kernel (both parts of every head in one call) gives the portable path's output,
+    over a question's several tokens and then single ones; it is built wherever a compiler is."""
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler here: kvtrim runs the portable path")
+    assert ragged_cpu.ragged_kernel() is not None, "a compiler is here, so the kernel must build"
+    torch.manual_seed(5)
+    compiled_layer, _, _ = _layer(lengths)
+    portable_layer, _, _ = _layer(lengths)
+    for q_len in (4, 1, 1):
+        new_k, new_v = torch.randn(1, HKV, q_len, D), torch.randn(1, HKV, q_len, D)
+        query = torch.randn(1, H, q_len, D)
+        key, value = compiled_layer.update(new_k, new_v)
+        assert ragged._compiled_kernel_for(query, key) is not None  # up to 4 new tokens
+        got = ragged_attention(torch.nn.Module(), query, key, value, None, scaling=0.4)
+        key, value = portable_layer.update(new_k, new_v)
+        with monkeypatch.context() as patch:
+            patch.setattr(ragged, "_compiled_kernel_for", lambda query, key: None)
+            expected = ragged_attention(torch.nn.Module(), query, key, value, None, scaling=0.4)
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
 
 
 def test_a_ragged_layer_holds_exactly_its_pairs_after_updates():

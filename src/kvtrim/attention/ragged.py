@@ -8,10 +8,14 @@ Each part is attended on its own and the two merged by log-sum-exp
 layer's concatenation copies its whole cache every step). The kept part runs one kernel call per
 KV head over views of the packed tensor, or, on CUDA in half precision, one call of torch's
 variable-length flash kernel for all heads; the added part is one call for all heads, causal.
+On CPU in float32 a compiled kernel (:mod:`kvtrim.attention.ragged_cpu`) does both parts of every
+head in one call instead, where it could be built.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +25,7 @@ from torch import nn
 from kvtrim.attention.channels import select_query_channels
 from kvtrim.attention.dense import suffix_causal_mask
 from kvtrim.attention.partial import Partial, attend, attend_written_out, merge
+from kvtrim.attention.ragged_cpu import RaggedKernel, ragged_kernel
 from kvtrim.attention.standins import RaggedKV
 
 
@@ -37,9 +42,54 @@ def ragged_attention(
     channels when ThinK pruned them); the kept pairs are all visible, the added tokens causal."""
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling  # the full head's, also for pruned keys
     kernel = _varlen_kernel_for(query, key)
+    if kernel is None and (compiled := _compiled_kernel_for(query, key)) is not None:
+        return compiled_attention(query, key, scale, compiled)
     kept = kept_part_varlen(query, key, scale, kernel) if kernel is not None else kept_part(query, key, scale)
     added = added_part(query, key, scale)
     return merge(kept, added).transpose(1, 2).contiguous()
+
+
+def compiled_attention(
+    query: torch.Tensor, key: RaggedKV, scale: float, kernel: RaggedKernel
+) -> torch.Tensor:
+    """Both parts, every head, in one call of the compiled CPU kernel (:mod:`.ragged_cpu`): the
+    softmax runs over each head's kept pairs and the visible added tokens together, so there is
+    nothing to merge. query (1, H, q, D) -> (1, q, H, D)."""
+    out, _ = kernel(
+        query[0].contiguous(),  # (H, q, D)
+        key.keys,  # (ΣK_h, D)
+        key.values,
+        _head_offsets(tuple(key.lengths), key.keys.device),  # (Hkv + 1,)
+        key.added_keys[0].contiguous(),  # (Hkv, n, D), the queries' own tokens last
+        key.added_values[0].contiguous(),
+        scale,
+    )  # (H, q, D)
+    return out.transpose(0, 1)[None]  # (1, q, H, D)
+
+
+#: the compiled kernel takes forwards of up to this many tokens (decoding steps); longer ones
+#: (a question's prefill) go to the flash kernel per head, whose products are matrix products
+COMPILED_MAX_QUERIES = 4
+
+
+def _compiled_kernel_for(query: torch.Tensor, key: RaggedKV) -> RaggedKernel | None:
+    """The compiled kernel where it applies (CPU, float32, a decoding-sized forward, full-width
+    keys as wide as the values) and could be built; else None (the portable path)."""
+    if query.device.type != "cpu" or query.dtype != torch.float32 or key.keys.dtype != torch.float32:
+        return None
+    if query.shape[2] > COMPILED_MAX_QUERIES:
+        return None
+    if key.channels is not None or query.shape[0] != 1 or not key.keys.is_contiguous():
+        return None
+    if not (query.shape[-1] == key.keys.shape[-1] == key.values.shape[-1]) or not key.values.is_contiguous():
+        return None
+    return ragged_kernel()
+
+
+@functools.lru_cache(maxsize=1024)
+def _head_offsets(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """(Hkv + 1,) int64: where each head's pairs start in the packed tensors, then their end."""
+    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int64, device=device)
 
 
 def kept_part(query: torch.Tensor, key: RaggedKV, scale: float) -> Partial:

@@ -24,10 +24,18 @@ TEMP_PREFIX = ".kvtrim-tmp-"
 def cache_dir() -> Path:
     """Where kvtrim keeps converted models and calibration data (``KVTRIM_CACHE_DIR`` overrides)."""
     env = os.environ.get("KVTRIM_CACHE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "kvtrim"
+    return Path(env) if env else _user_cache() / "kvtrim"
+
+
+def kernel_dir() -> Path:
+    """Where compiled kernels live (``KVTRIM_KERNEL_DIR`` overrides). Not under ``cache_dir()``: a
+    fresh cache of models and calibrations (each test module has one) need not rebuild them."""
+    env = os.environ.get("KVTRIM_KERNEL_DIR")
+    return Path(env) if env else _user_cache() / "kvtrim" / "kernels"
+
+
+def _user_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"))
 
 
 def sha256_bytes(data: bytes | memoryview) -> str:

@@ -1,0 +1,154 @@
+// Attention over a ragged layer on CPU, every head over its own kept pairs and the added tokens,
+// in one call (see kvtrim/attention/ragged_cpu.py, which builds and loads it).
+//
+// query (H, Q, D); kept_keys, kept_values (N, D): each KV head's kept pairs packed head after head,
+// head j at rows [offsets[j], offsets[j + 1]); added_keys, added_values (Hkv, A, D): the tokens
+// added since compression, the last Q of them the queries' own. Query t of head h (KV head
+// j = h / G) sees all of j's kept pairs and the added tokens [0, A − Q + t]. Returns the output
+// (H, Q, D) and the log-sum-exp of the scaled scores (H, Q). float32 throughout.
+//
+// One work item is one KV head and one query position: each key and value is read once for the G
+// query heads that share it. Scores are held for one item at a time; nothing is padded or copied.
+// Decoding-sized calls run on the calling thread (a parallel region costs more than their work).
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kMaxGroup = 16;             // query heads per KV head handled by one item
+constexpr int64_t kSerialWork = 1 << 22;      // below this many multiply-adds, one thread
+
+// exp(x) for x ≤ 0 (scores minus their maximum) in plain arithmetic that the compiler vectorises
+// (std::exp stays scalar): x = n·ln 2 + r with ln 2 in two parts (Cody–Waite), e^r by Cephes'
+// expf polynomial, 2^n set in the exponent bits. Relative error below 1e-7; 0 below e^-87.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.f);
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float e_r = p * r * r + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float power;
+  std::memcpy(&power, &bits, sizeof(power));
+  return e_r * power;
+}
+
+void attend_item(const float* __restrict__ q,       // (G, D) this item's queries
+                 const float* __restrict__ keys,    // (kept, D)
+                 const float* __restrict__ values,  // (kept, D)
+                 int64_t kept,
+                 const float* __restrict__ new_keys,    // (visible, D)
+                 const float* __restrict__ new_values,  // (visible, D)
+                 int64_t visible, int64_t group, int64_t dim, float scale,
+                 float* __restrict__ out,  // (G, D), zeroed
+                 float* __restrict__ lse,  // (G,)
+                 std::vector<float>& scores) {
+  const int64_t total = kept + visible;
+  scores.resize(group * total);
+  float best[kMaxGroup];
+  for (int64_t g = 0; g < group; ++g) best[g] = -std::numeric_limits<float>::infinity();
+  for (int64_t r = 0; r < total; ++r) {
+    const float* __restrict__ k = r < kept ? keys + r * dim : new_keys + (r - kept) * dim;
+    for (int64_t g = 0; g < group; ++g) {
+      const float* __restrict__ qg = q + g * dim;
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t d = 0; d < dim; ++d) sum += qg[d] * k[d];
+      const float score = scale * sum;
+      scores[g * total + r] = score;
+      best[g] = std::max(best[g], score);
+    }
+  }
+  float norm[kMaxGroup];
+  for (int64_t g = 0; g < group; ++g) {
+    float* __restrict__ row = scores.data() + g * total;
+    const float top = best[g];
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t r = 0; r < total; ++r) {
+      row[r] = exp_nonpositive(row[r] - top);
+      sum += row[r];
+    }
+    norm[g] = sum;
+    lse[g] = best[g] + std::log(sum);
+  }
+  for (int64_t r = 0; r < total; ++r) {
+    const float* __restrict__ v = r < kept ? values + r * dim : new_values + (r - kept) * dim;
+    for (int64_t g = 0; g < group; ++g) {
+      const float w = scores[g * total + r];
+      float* __restrict__ og = out + g * dim;
+#pragma omp simd
+      for (int64_t d = 0; d < dim; ++d) og[d] += w * v[d];
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    const float inverse = 1.f / norm[g];
+    for (int64_t d = 0; d < dim; ++d) out[g * dim + d] *= inverse;
+  }
+}
+
+}  // namespace
+
+std::vector<torch::Tensor> ragged_attention(torch::Tensor query, torch::Tensor kept_keys,
+                                            torch::Tensor kept_values, torch::Tensor offsets,
+                                            torch::Tensor added_keys, torch::Tensor added_values,
+                                            double scale) {
+  TORCH_CHECK(query.dtype() == torch::kFloat32 && query.is_contiguous(), "query: contiguous float32");
+  TORCH_CHECK(kept_keys.is_contiguous() && kept_values.is_contiguous(), "kept pairs: contiguous");
+  TORCH_CHECK(added_keys.is_contiguous() && added_values.is_contiguous(), "added tokens: contiguous");
+  const int64_t n_heads = query.size(0), q_len = query.size(1), dim = query.size(2);
+  const int64_t n_kv = offsets.size(0) - 1, n_added = added_keys.size(1);
+  const int64_t group = n_heads / n_kv;
+  TORCH_CHECK(group <= kMaxGroup, "at most ", kMaxGroup, " query heads per KV head");
+  TORCH_CHECK(n_added >= q_len, "the queries' own tokens must be among the added ones");
+  // (Hkv, Q, G, D): one item's queries side by side
+  auto grouped = query.view({n_kv, group, q_len, dim}).transpose(1, 2).contiguous();
+  auto out = torch::zeros_like(grouped);
+  auto lse = torch::empty({n_kv, q_len, group}, query.options());
+  const float* q = grouped.data_ptr<float>();
+  const float* kk = kept_keys.data_ptr<float>();
+  const float* kv = kept_values.data_ptr<float>();
+  const float* ak = added_keys.data_ptr<float>();
+  const float* av = added_values.data_ptr<float>();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  float* o = out.data_ptr<float>();
+  float* l = lse.data_ptr<float>();
+  const float s = static_cast<float>(scale);
+  const int64_t items = n_kv * q_len;
+  const int64_t work = n_heads * q_len * (kept_keys.size(0) / n_kv + n_added) * dim;
+  const int64_t grain = work < kSerialWork ? items : 1;
+
+  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t kv_head = item / q_len, t = item % q_len;
+      const int64_t first = off[kv_head], kept = off[kv_head + 1] - first;
+      attend_item(q + item * group * dim, kk + first * dim, kv + first * dim, kept,
+                  ak + kv_head * n_added * dim, av + kv_head * n_added * dim,
+                  n_added - q_len + t + 1, group, dim, s, o + item * group * dim, l + item * group,
+                  scores);
+    }
+  });
+  // back to (H, Q, D) and (H, Q), head h = j·G + g
+  return {out.transpose(1, 2).reshape({n_heads, q_len, dim}),
+          lse.transpose(1, 2).reshape({n_heads, q_len})};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("ragged_attention", &ragged_attention, "Ragged-layer attention on CPU, all heads in one call");
+}
