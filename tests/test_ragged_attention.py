@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvtrim.attention import ragged, ragged_cpu
+from kvtrim.attention import cpu_kernels, ragged
 from kvtrim.attention.partial import attend, attend_written_out, merge
 from kvtrim.attention.ragged import ragged_attention, reference_varlen_attn
 from kvtrim.cache.ragged import RaggedLayer
@@ -98,7 +98,7 @@ def test_the_compiled_cpu_kernel_equals_the_per_head_path(lengths, monkeypatch):
     over a question's several tokens and then single ones; it is built wherever a compiler is."""
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("no C++ compiler here: kvtrim runs the portable path")
-    assert ragged_cpu.ragged_kernel() is not None, "a compiler is here, so the kernel must build"
+    assert cpu_kernels.cpu_kernels() is not None, "a compiler is here, so the kernel must build"
     torch.manual_seed(5)
     compiled_layer, _, _ = _layer(lengths)
     portable_layer, _, _ = _layer(lengths)

@@ -8,7 +8,7 @@ Each part is attended on its own and the two merged by log-sum-exp
 layer's concatenation copies its whole cache every step). The kept part runs one kernel call per
 KV head over views of the packed tensor, or, on CUDA in half precision, one call of torch's
 variable-length flash kernel for all heads; the added part is one call for all heads, causal.
-On CPU in float32 a compiled kernel (:mod:`kvtrim.attention.ragged_cpu`) does both parts of every
+On CPU in float32 a compiled kernel (:mod:`kvtrim.attention.cpu_kernels`) does both parts of every
 head in one call instead, where it could be built.
 """
 
@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from kvtrim.attention.channels import select_query_channels
+from kvtrim.attention.cpu_kernels import cpu_kernels
 from kvtrim.attention.dense import suffix_causal_mask
 from kvtrim.attention.partial import Partial, attend, attend_written_out, merge
-from kvtrim.attention.ragged_cpu import RaggedKernel, ragged_kernel
 from kvtrim.attention.standins import RaggedKV
 
 
@@ -50,9 +50,9 @@ def ragged_attention(
 
 
 def compiled_attention(
-    query: torch.Tensor, key: RaggedKV, scale: float, kernel: RaggedKernel
+    query: torch.Tensor, key: RaggedKV, scale: float, kernel: Callable[..., list[torch.Tensor]]
 ) -> torch.Tensor:
-    """Both parts, every head, in one call of the compiled CPU kernel (:mod:`.ragged_cpu`): the
+    """Both parts, every head, in one call of the compiled CPU kernel (:mod:`.cpu_kernels`): the
     softmax runs over each head's kept pairs and the visible added tokens together, so there is
     nothing to merge. query (1, H, q, D) -> (1, q, H, D)."""
     out, _ = kernel(
@@ -72,7 +72,7 @@ def compiled_attention(
 COMPILED_MAX_QUERIES = 4
 
 
-def _compiled_kernel_for(query: torch.Tensor, key: RaggedKV) -> RaggedKernel | None:
+def _compiled_kernel_for(query: torch.Tensor, key: RaggedKV) -> Callable[..., list[torch.Tensor]] | None:
     """The compiled kernel where it applies (CPU, float32, a decoding-sized forward, full-width
     keys as wide as the values) and could be built; else None (the portable path)."""
     if query.device.type != "cpu" or query.dtype != torch.float32 or key.keys.dtype != torch.float32:
@@ -83,7 +83,8 @@ def _compiled_kernel_for(query: torch.Tensor, key: RaggedKV) -> RaggedKernel | N
         return None
     if not (query.shape[-1] == key.keys.shape[-1] == key.values.shape[-1]) or not key.values.is_contiguous():
         return None
-    return ragged_kernel()
+    kernels = cpu_kernels()
+    return None if kernels is None else kernels.ragged_attention
 
 
 @functools.lru_cache(maxsize=1024)

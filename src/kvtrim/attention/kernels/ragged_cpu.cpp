@@ -1,5 +1,5 @@
 // Attention over a ragged layer on CPU, every head over its own kept pairs and the added tokens,
-// in one call (see kvtrim/attention/ragged_cpu.py, which builds and loads it).
+// in one call (see kvtrim/attention/cpu_kernels.py, which builds and loads it).
 //
 // query (H, Q, D); kept_keys, kept_values (N, D): each KV head's kept pairs packed head after head,
 // head j at rows [offsets[j], offsets[j + 1]); added_keys, added_values (Hkv, A, D): the tokens
@@ -22,31 +22,12 @@
 #include <limits>
 #include <vector>
 
+#include "fast_exp.h"
+
 namespace {
 
 constexpr int64_t kMaxGroup = 16;             // query heads per KV head handled by one item
 constexpr int64_t kSerialWork = 1 << 22;      // below this many multiply-adds, one thread
-
-// exp(x) for x ≤ 0 (scores minus their maximum) in plain arithmetic that the compiler vectorises
-// (std::exp stays scalar): x = n·ln 2 + r with ln 2 in two parts (Cody–Waite), e^r by Cephes'
-// expf polynomial, 2^n set in the exponent bits. Relative error below 1e-7; 0 below e^-87.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.f);
-  const float n = std::nearbyint(x * 1.44269504088896341f);
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float e_r = p * r * r + r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float power;
-  std::memcpy(&power, &bits, sizeof(power));
-  return e_r * power;
-}
 
 void attend_item(const float* __restrict__ q,       // (G, D) this item's queries
                  const float* __restrict__ keys,    // (kept, D)
@@ -81,7 +62,7 @@ void attend_item(const float* __restrict__ q,       // (G, D) this item's querie
     float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
     for (int64_t r = 0; r < total; ++r) {
-      row[r] = exp_nonpositive(row[r] - top);
+      row[r] = kvtrim::exp_nonpositive(row[r] - top);
       sum += row[r];
     }
     norm[g] = sum;
@@ -147,8 +128,4 @@ std::vector<torch::Tensor> ragged_attention(torch::Tensor query, torch::Tensor k
   // back to (H, Q, D) and (H, Q), head h = j·G + g
   return {out.transpose(1, 2).reshape({n_heads, q_len, dim}),
           lse.transpose(1, 2).reshape({n_heads, q_len})};
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("ragged_attention", &ragged_attention, "Ragged-layer attention on CPU, all heads in one call");
 }
