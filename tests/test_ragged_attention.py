@@ -134,3 +134,28 @@ def test_varlen_packing_with_log_sum_exp_equals_the_loop(monkeypatch):
     monkeypatch.setattr(ragged, "_varlen_kernel_for", lambda query, key: reference_varlen_attn)
     packed = ragged_attention(torch.nn.Module(), query, key, value, None, scaling=0.4)
     torch.testing.assert_close(packed, loop, atol=1e-6, rtol=1e-5)
+
+
+def test_without_a_compiler_or_with_kernels_off_the_portable_path_runs(monkeypatch, capsys):
+    """No compiler (or ``KVTRIM_CPU_KERNELS=0``): no kernel, a one-line message, the per-head path."""
+    torch.manual_seed(6)
+    layer, _, _ = _layer([5, 11, 2])
+    query = torch.randn(1, H, 1, D)
+    key, value = layer.update(torch.randn(1, HKV, 1, D), torch.randn(1, HKV, 1, D))
+    expected = ragged_attention(torch.nn.Module(), query, key, value, None, scaling=0.4)
+    cpu_kernels.cpu_kernels.cache_clear()
+    try:
+        monkeypatch.setenv("CXX", "no-such-compiler")
+        assert cpu_kernels.cpu_kernels() is None and ragged._compiled_kernel_for(query, key) is None
+        assert capsys.readouterr().err.strip().splitlines() == [
+            "kvtrim: no C++ compiler (no-such-compiler): the portable paths run instead"
+        ]
+        cpu_kernels.cpu_kernels.cache_clear()
+        monkeypatch.delenv("CXX")
+        monkeypatch.setenv("KVTRIM_CPU_KERNELS", "0")
+        assert cpu_kernels.cpu_kernels() is None
+        got = ragged_attention(torch.nn.Module(), query, key, value, None, scaling=0.4)
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    finally:
+        monkeypatch.undo()
+        cpu_kernels.cpu_kernels.cache_clear()
