@@ -39,8 +39,8 @@ def cpu_kernels() -> ModuleType | None:
     """The compiled kernels' module, built on first use (~1 min, once); None where it cannot be."""
     if os.environ.get("KVTRIM_CPU_KERNELS", "1") == "0":
         return None
-    compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler) is None:
+    if not has_compiler():
+        compiler = os.environ.get("CXX", "c++")
         print(f"kvtrim: no C++ compiler ({compiler}): the portable paths run instead", file=sys.stderr)
         return None
     source = b"".join((KERNELS / name).read_bytes() for name in SOURCES + HEADERS)
@@ -70,6 +70,11 @@ def cpu_kernels() -> ModuleType | None:
         )
         return None
     return module
+
+
+def has_compiler() -> bool:
+    """Whether the C++ compiler torch's extension tools call (``CXX``, else ``c++``) is here."""
+    return shutil.which(os.environ.get("CXX", "c++")) is not None
 
 
 @contextlib.contextmanager

@@ -50,16 +50,16 @@ def ragged_attention(
 
 
 def compiled_attention(
-    query: torch.Tensor, key: RaggedKV, scale: float, kernel: Callable[..., list[torch.Tensor]]
+    query: torch.Tensor, key: RaggedKV, scale: float, kernel: Callable[..., torch.Tensor]
 ) -> torch.Tensor:
     """Both parts, every head, in one call of the compiled CPU kernel (:mod:`.cpu_kernels`): the
     softmax runs over each head's kept pairs and the visible added tokens together, so there is
     nothing to merge. query (1, H, q, D) -> (1, q, H, D)."""
-    out, _ = kernel(
+    out = kernel(
         query[0].contiguous(),  # (H, q, D)
         key.keys,  # (ΣK_h, D)
         key.values,
-        _head_offsets(tuple(key.lengths), key.keys.device),  # (Hkv + 1,)
+        head_offsets(tuple(key.lengths), key.keys.device, torch.int64),  # (Hkv + 1,)
         key.added_keys[0].contiguous(),  # (Hkv, n, D), the queries' own tokens last
         key.added_values[0].contiguous(),
         scale,
@@ -72,7 +72,7 @@ def compiled_attention(
 COMPILED_MAX_QUERIES = 4
 
 
-def _compiled_kernel_for(query: torch.Tensor, key: RaggedKV) -> Callable[..., list[torch.Tensor]] | None:
+def _compiled_kernel_for(query: torch.Tensor, key: RaggedKV) -> Callable[..., torch.Tensor] | None:
     """The compiled kernel where it applies (CPU, float32, a decoding-sized forward, full-width
     keys as wide as the values) and could be built; else None (the portable path)."""
     if query.device.type != "cpu" or query.dtype != torch.float32 or key.keys.dtype != torch.float32:
@@ -88,9 +88,10 @@ def _compiled_kernel_for(query: torch.Tensor, key: RaggedKV) -> Callable[..., li
 
 
 @functools.lru_cache(maxsize=1024)
-def _head_offsets(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """(Hkv + 1,) int64: where each head's pairs start in the packed tensors, then their end."""
-    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int64, device=device)
+def head_offsets(lengths: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(Hkv + 1,): where each head's pairs start in the packed tensors, then their end (what the
+    compiled kernel and the variable-length kernel's ``cu_seqlens`` take); cached per layout."""
+    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=dtype, device=device)
 
 
 def kept_part(query: torch.Tensor, key: RaggedKV, scale: float) -> Partial:
@@ -150,8 +151,7 @@ def kept_part_varlen(query: torch.Tensor, key: RaggedKV, scale: float, kernel: C
     n_kv = len(key.lengths)
     group = n_heads // n_kv
     packed_q = query[0].reshape(n_kv, group, q_len, dim).transpose(1, 2).reshape(n_kv * q_len, group, dim)
-    lengths = torch.tensor(key.lengths, device=query.device)  # (Hkv,)
-    cu_k = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)  # (Hkv + 1,)
+    cu_k = head_offsets(tuple(key.lengths), query.device, torch.int32)  # (Hkv + 1,)
     cu_q = torch.arange(0, (n_kv + 1) * q_len, q_len, device=query.device, dtype=torch.int32)
     out, lse = kernel(
         packed_q,  # (Hkv·q, G, D): row h·q + t is head h's query at t

@@ -5,7 +5,7 @@
 // head j at rows [offsets[j], offsets[j + 1]); added_keys, added_values (Hkv, A, D): the tokens
 // added since compression, the last Q of them the queries' own. Query t of head h (KV head
 // j = h / G) sees all of j's kept pairs and the added tokens [0, A − Q + t]. Returns the output
-// (H, Q, D) and the log-sum-exp of the scaled scores (H, Q). float32 throughout.
+// (H, Q, D). float32 throughout.
 //
 // One work item is one KV head and one query position: each key and value is read once for the G
 // query heads that share it. Scores are held for one item at a time; nothing is padded or copied.
@@ -16,9 +16,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -37,7 +35,6 @@ void attend_item(const float* __restrict__ q,       // (G, D) this item's querie
                  const float* __restrict__ new_values,  // (visible, D)
                  int64_t visible, int64_t group, int64_t dim, float scale,
                  float* __restrict__ out,  // (G, D), zeroed
-                 float* __restrict__ lse,  // (G,)
                  std::vector<float>& scores) {
   const int64_t total = kept + visible;
   scores.resize(group * total);
@@ -66,7 +63,6 @@ void attend_item(const float* __restrict__ q,       // (G, D) this item's querie
       sum += row[r];
     }
     norm[g] = sum;
-    lse[g] = best[g] + std::log(sum);
   }
   for (int64_t r = 0; r < total; ++r) {
     const float* __restrict__ v = r < kept ? values + r * dim : new_values + (r - kept) * dim;
@@ -85,7 +81,7 @@ void attend_item(const float* __restrict__ q,       // (G, D) this item's querie
 
 }  // namespace
 
-std::vector<torch::Tensor> ragged_attention(torch::Tensor query, torch::Tensor kept_keys,
+torch::Tensor ragged_attention(torch::Tensor query, torch::Tensor kept_keys,
                                             torch::Tensor kept_values, torch::Tensor offsets,
                                             torch::Tensor added_keys, torch::Tensor added_values,
                                             double scale) {
@@ -100,7 +96,6 @@ std::vector<torch::Tensor> ragged_attention(torch::Tensor query, torch::Tensor k
   // (Hkv, Q, G, D): one item's queries side by side
   auto grouped = query.view({n_kv, group, q_len, dim}).transpose(1, 2).contiguous();
   auto out = torch::zeros_like(grouped);
-  auto lse = torch::empty({n_kv, q_len, group}, query.options());
   const float* q = grouped.data_ptr<float>();
   const float* kk = kept_keys.data_ptr<float>();
   const float* kv = kept_values.data_ptr<float>();
@@ -108,7 +103,6 @@ std::vector<torch::Tensor> ragged_attention(torch::Tensor query, torch::Tensor k
   const float* av = added_values.data_ptr<float>();
   const int64_t* off = offsets.data_ptr<int64_t>();
   float* o = out.data_ptr<float>();
-  float* l = lse.data_ptr<float>();
   const float s = static_cast<float>(scale);
   const int64_t items = n_kv * q_len;
   const int64_t work = n_heads * q_len * (kept_keys.size(0) / n_kv + n_added) * dim;
@@ -121,11 +115,9 @@ std::vector<torch::Tensor> ragged_attention(torch::Tensor query, torch::Tensor k
       const int64_t first = off[kv_head], kept = off[kv_head + 1] - first;
       attend_item(q + item * group * dim, kk + first * dim, kv + first * dim, kept,
                   ak + kv_head * n_added * dim, av + kv_head * n_added * dim,
-                  n_added - q_len + t + 1, group, dim, s, o + item * group * dim, l + item * group,
-                  scores);
+                  n_added - q_len + t + 1, group, dim, s, o + item * group * dim, scores);
     }
   });
-  // back to (H, Q, D) and (H, Q), head h = j·G + g
-  return {out.transpose(1, 2).reshape({n_heads, q_len, dim}),
-          lse.transpose(1, 2).reshape({n_heads, q_len})};
+  // back to (H, Q, D), head h = j·G + g
+  return out.transpose(1, 2).reshape({n_heads, q_len, dim});
 }
