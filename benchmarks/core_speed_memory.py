@@ -3,10 +3,10 @@ compression's (scoring, selection, the copy of the kept pairs) as fractions of t
 bytes kept against (1 − ratio) × full, and what kvtrim's hooks cost against plain transformers on
 the same input.
 
-Targets (issue "compression that costs nothing"): scoring ≤ 2% of the prefill for every scorer
-that needs no extra forward pass; with method ``none``, prefill + decode within 2% of plain
-transformers. Not a test: it prints figures measured in one run (``--out`` saves them as JSON).
-Run it alone on the machine, with OMP_NUM_THREADS set.
+Targets: scoring ≤ 2% of the prefill for every scorer that needs no extra forward pass; with
+method ``none``, prefill + decode within 2% of plain transformers. Not a test: it prints figures
+measured in one run (``--out`` saves them as JSON). Run it alone on the machine, with
+OMP_NUM_THREADS set.
 
     python benchmarks/core_speed_memory.py [--lengths 1024,2048,4096,8000] [--ratio 0.5]
         [--methods all] [--repeats 2] [--decode 32] [--out FILE]

@@ -98,8 +98,11 @@ def prefilled(model, tok, context: str):
     return session.cache, layout, ids
 
 
+SMALL_BLOCKS = {"chunk_tokens": 40, "overlap": 3, "block_size": 7, "key_block": 5, "n_sink": 2}
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "phi3", "gemma3"])
-@pytest.mark.parametrize("options", [{}, {"chunk_tokens": 40, "overlap": 3, "block_size": 7, "n_sink": 2}])
+@pytest.mark.parametrize("options", [{}, SMALL_BLOCKS])
 @pytest.mark.parametrize("with_lse", [True, False])
 def test_scores_match_explicit_reconstruction_attention(arch, options, with_lse, monkeypatch):
     """With the model's log-sum-exp (the default) the softmax is never recomputed: ``score`` is
@@ -205,6 +208,8 @@ def test_kvzip_is_registered_and_refuses_what_it_cannot_do():
         pass
     with pytest.raises(KVTrimError, match="chunk_tokens"):
         make_scorer("kvzip", chunk_tokens=0)
+    with pytest.raises(KVTrimError, match="key_block"):
+        make_scorer("kvzip", key_block=0)
 
 
 def test_shared_prefill_gives_the_same_caches_as_compressing_alone():
