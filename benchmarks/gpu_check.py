@@ -1,8 +1,9 @@
 """One prepared GPU check: the CUDA-only path verified, then memory and speed at long contexts.
 
 1. The variable-length kernel (``torch.nn.attention.varlen``) that decodes over ragged
-   (head-adaptive) layers in one call, against kvtrim's per-head loop: decoding-step logits of a
-   bf16 model must agree to 1e-3 of their scale, and the greedy tokens must be equal.
+   (head-adaptive) layers in one call, against kvtrim's per-head loop: fed the same tokens, the
+   decoding-step logits of a bf16 model (in float32 from its last hidden state) must agree to 1e-3
+   of their scale.
 2. A randomly initialised Llama-3.1-8B-shaped model (its config only: no weights to download) at
    16k and 32k tokens: peak CUDA memory, prefill seconds and decode tokens/s for plain
    transformers (``model.generate``) and kvtrim's none / uniform / adaptive / chunked compression.
@@ -116,7 +117,15 @@ def text_of(n_tokens: int, seed: int = 0) -> str:
 
 @torch.inference_mode()
 def check_varlen(model: Any, tokenizer: Any, n_tokens: int, steps: int, cuda: bool) -> dict[str, Any]:
-    """Decode ``steps`` tokens over a ragged cache with the varlen kernel and with the loop."""
+    """Decode ``steps`` tokens over a ragged cache with the per-head loop, then feed the very same
+    tokens through the varlen kernel, and compare the logits.
+
+    Both paths' logits are taken in float32 from their bf16 last hidden states: bf16 logits
+    themselves are rounded to 2⁻⁸ of their size, so one differing rounding anywhere in the model
+    would break 1e-3 though both kernels were right. Feeding the loop's tokens to both keeps a near
+    tie among a random model's 128k logits from sending the two paths down different
+    continuations; ``same_argmax`` says how often they agreed anyway.
+    """
     session = kvtrim.compress(model, tokenizer, text_of(n_tokens), "knorm", ratio=0.5, budget="adaptive")
     ids = encode(tokenizer, session.layout.question_text("What comes next?"))
     real = ragged._varlen_kernel_for
@@ -127,40 +136,48 @@ def check_varlen(model: Any, tokenizer: Any, n_tokens: int, steps: int, cuda: bo
         calls.append(kernel is not None)
         return kernel
 
-    results = {}
+    results: dict[str, torch.Tensor] = {}
+    fed: list[int] | None = None
     for name, chooser in (("loop", lambda query, key: None), ("varlen", packed)):
         ragged._varlen_kernel_for = chooser
         snapshot = CacheSnapshot.take(session.cache)
         try:
-            results[name] = _decode_logits(model, session.cache, ids, session.context_length, steps)
+            results[name], fed = _decode_logits(model, session.cache, ids, session.context_length, steps, fed)
         finally:
             snapshot.restore(session.cache)
             ragged._varlen_kernel_for = real
     scale = float(results["loop"].abs().max())  # (steps, V) each
     diff = float((results["loop"] - results["varlen"]).abs().max())
-    same_tokens = torch.equal(results["loop"].argmax(-1), results["varlen"].argmax(-1))
-    ok = bool(any(calls)) and diff <= 1e-3 * scale and same_tokens
+    same_argmax = int((results["loop"].argmax(-1) == results["varlen"].argmax(-1)).sum())
+    ok = bool(any(calls)) and diff <= 1e-3 * scale
     return {
         "varlen_calls": sum(calls),
         "max_abs_diff": diff,
         "logit_scale": scale,
-        "same_tokens": same_tokens,
+        "same_argmax": f"{same_argmax}/{steps}",
+        "same_tokens": same_argmax == steps,
         "ok": ok,
     }
 
 
-def _decode_logits(model: Any, cache: Any, ids: list[int], position: int, steps: int) -> torch.Tensor:
-    """The last logits of feeding ``ids`` after the cache, then of ``steps − 1`` greedy tokens: (steps, V)."""
-    logits = []
+def _decode_logits(
+    model: Any, cache: Any, ids: list[int], position: int, steps: int, tokens: list[int] | None = None
+) -> tuple[torch.Tensor, list[int]]:
+    """Float32 logits (steps, V) at the last position of feeding ``ids`` after the cache, then of
+    each next token: the greedy one, or ``tokens[i]`` when given. Returns them and the tokens fed."""
+    head = model.get_output_embeddings().weight.float()  # (V, hidden)
+    logits, fed = [], []
     step_ids = torch.tensor([ids], device=model.device)  # (1, q)
-    for _ in range(steps):
+    for step in range(steps):
         n = step_ids.shape[1]
         positions = torch.arange(position, position + n, device=model.device)[None]
-        out = model(input_ids=step_ids, position_ids=positions, cache=cache, logits_to_keep=1).logits
-        logits.append(out[0, -1].float())
-        step_ids = out[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+        hidden = model.model(input_ids=step_ids, position_ids=positions, cache=cache).last_hidden_state
+        logits.append(hidden[0, -1].float() @ head.T)  # (V,)
+        next_id = int(logits[-1].argmax()) if tokens is None else tokens[step]
+        fed.append(next_id)
+        step_ids = torch.tensor([[next_id]], device=model.device)  # (1, 1)
         position += n
-    return torch.stack(logits)
+    return torch.stack(logits), fed
 
 
 # --- 2. memory and speed ---------------------------------------------------------------------
@@ -288,7 +305,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
     if not varlen["ok"]:
-        print("FAILED: the varlen kernel and the per-head loop disagree", file=sys.stderr)
+        why = (
+            "the varlen kernel never ran (torch.nn.attention.varlen missing, or it refused these shapes)"
+            if not varlen["varlen_calls"]
+            else "the varlen kernel and the per-head loop disagree"
+        )
+        print(f"FAILED: {why}", file=sys.stderr)
         sys.exit(1)
     return report
 

@@ -86,6 +86,22 @@ def run_cell(length: int, ratio: float, mode: str, method: str, chunk: int, deco
     }
 
 
+def print_decode_ratios(rows: list[dict]) -> None:
+    """Each mode's decode speed against the uniform (dense) cache of the same length and ratio:
+    ``adaptive`` holds ragged heads with the same mean kept count, so its line is ragged / dense.
+    One decode per cell: for a careful ragged / dense figure, benchmarks/ragged_speed.py alternates
+    rounds on the very same kept pairs."""
+    dense = {(row["tokens"], row["ratio"]): row for row in rows if row["mode"] == "uniform"}
+    for row in rows:
+        base = dense.get((row["tokens"], row["ratio"]))
+        if row["mode"] == "uniform" or base is None or not base["decode_tok_s"]:
+            continue
+        print(
+            f"{row['mode']} / uniform decode speed at {row['tokens']} tokens, ratio {row['ratio']:g}: "
+            f"{row['decode_tok_s'] / base['decode_tok_s']:.3f}×"
+        )
+
+
 def _mib(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
@@ -147,6 +163,7 @@ def main() -> None:
                     f"{row['compress_s']:>7.3f} {row['decode_tok_s']:>10.1f}",
                     flush=True,
                 )
+    print_decode_ratios(rows)
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(rows, f, indent=2)
     print(f"saved {args.out}")

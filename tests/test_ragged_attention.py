@@ -133,6 +133,44 @@ def test_varlen_packing_with_log_sum_exp_equals_the_loop(monkeypatch):
     torch.testing.assert_close(packed, loop, atol=1e-6, rtol=1e-5)
 
 
+def test_the_reference_varlen_kernel_returns_the_real_kernels_layouts():
+    """The CPU stand-in must return what torch's ``varlen_attn`` returns (its fake kernel gives the
+    shapes on the meta device): out (Σq, H, D) and the lse heads first, (H, Σq), with lse[h, i]
+    head h of query row i over its own sequence's keys. A stand-in with the lse transposed let
+    the packing pass on CPU while a GPU would have mixed the heads up."""
+    varlen = pytest.importorskip("torch.nn.attention.varlen")
+    torch.manual_seed(4)
+    n_seq, q_len, group, dim, scale = 3, 2, 4, 8, 0.3  # Σq = 6 ≠ G: a transposed lse cannot pass
+    lengths = [5, 7, 3]
+    cu_k = torch.tensor([0, 5, 12, 15], dtype=torch.int32)
+    cu_q = torch.arange(0, (n_seq + 1) * q_len, q_len, dtype=torch.int32)
+    q, k, v = torch.randn(n_seq * q_len, group, dim), torch.randn(15, 1, dim), torch.randn(15, 1, dim)
+    aux = varlen.AuxRequest(lse=True)
+    meta = [t.to("meta") for t in (q, k, v, cu_q, cu_k)]
+    real_out, real_lse = varlen.varlen_attn(
+        *meta, q_len, max(lengths), return_aux=aux, scale=scale, enable_gqa=True
+    )
+    out, lse = reference_varlen_attn(
+        q,
+        k,
+        v,
+        cu_q,
+        cu_k,
+        q_len,
+        max(lengths),
+        return_aux=aux,
+        scale=scale,
+        window_size=(-1, -1),
+        enable_gqa=True,
+    )
+    assert out.shape == real_out.shape and lse.shape == real_lse.shape == (group, n_seq * q_len)
+    for seq in range(n_seq):
+        keys = k[cu_k[seq] : cu_k[seq + 1], 0]  # (K, D)
+        for t in range(q_len):
+            row = seq * q_len + t
+            torch.testing.assert_close(lse[:, row], torch.logsumexp(scale * q[row] @ keys.T, dim=-1))
+
+
 def test_without_a_compiler_or_with_kernels_off_the_portable_path_runs(monkeypatch, capsys):
     """No compiler (or ``KVTRIM_CPU_KERNELS=0``): no kernel, a one-line message, the per-head path."""
     torch.manual_seed(6)

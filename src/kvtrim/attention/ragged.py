@@ -165,9 +165,9 @@ def kept_part_varlen(query: torch.Tensor, key: RaggedKV, scale: float, kernel: C
         scale=scale,
         window_size=(-1, -1),
         enable_gqa=True,
-    )  # (Hkv·q, G, Dv), (Hkv·q, G)
+    )  # (Hkv·q, G, Dv); lse (G, Hkv·q): the flash kernel's lse is heads first
     out = out.reshape(n_kv, q_len, group, -1).permute(0, 2, 1, 3).reshape(1, n_heads, q_len, -1)
-    lse = lse.reshape(n_kv, q_len, group).permute(0, 2, 1).reshape(1, n_heads, q_len)
+    lse = lse.reshape(group, n_kv, q_len).transpose(0, 1).reshape(1, n_heads, q_len)
     return Partial(out, lse.float())
 
 
@@ -185,9 +185,9 @@ def reference_varlen_attn(
     window_size: tuple[int, int],
     enable_gqa: bool,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """A plain stand-in for ``varlen_attn`` with its signature, without masks (every packed
-    sequence's queries see all its keys), GQA by broadcasting. The CUDA kernel runs on GPUs only;
-    this lets the packing be checked anywhere."""
+    """A plain stand-in for ``varlen_attn`` with its signature and its outputs' layouts (out
+    (Σq, H, Dv), lse (H, Σq)), without masks (every packed sequence's queries see all its keys), GQA
+    by broadcasting. The CUDA kernel runs on GPUs only; this lets the packing be checked anywhere."""
     if window_size != (-1, -1) or not enable_gqa:
         raise ValueError("the reference kernel covers unmasked attention with GQA only")
     outs, lses = [], []
@@ -199,4 +199,5 @@ def reference_varlen_attn(
         outs.append(part.out[0].transpose(0, 1))  # (q, G, Dv)
         lses.append(part.lse[0].transpose(0, 1))  # (q, G)
     out = torch.cat(outs).to(q.dtype)  # (Σq, G, Dv)
-    return (out, torch.cat(lses)) if return_aux is not None and return_aux.lse else out
+    lse = torch.cat(lses).T.contiguous()  # (G, Σq), heads first as the flash kernel returns it
+    return (out, lse) if return_aux is not None and return_aux.lse else out
