@@ -1,9 +1,10 @@
 """One prepared GPU check: the CUDA-only path verified, then memory and speed at long contexts.
 
 1. The variable-length kernel (``torch.nn.attention.varlen``) that decodes over ragged
-   (head-adaptive) layers in one call, against kvtrim's per-head loop: fed the same tokens, the
-   decoding-step logits of a bf16 model (in float32 from its last hidden state) must agree to 1e-3
-   of their scale.
+   (head-adaptive) layers in one call, against kvtrim's per-head loop on the same inputs, call by
+   call (log-sum-exp to 1e-3, bf16 outputs to 2e-2 of their scale), and the decoding-step logits
+   of the two paths fed the same tokens (see ``LOGIT_TOL``: bf16 logits cannot meet 1e-3 even
+   between two correct kernels).
 2. A randomly initialised Llama-3.1-8B-shaped model (its config only: no weights to download) at
    16k and 32k tokens: peak CUDA memory, prefill seconds and decode tokens/s for plain
    transformers (``model.generate``) and kvtrim's none / uniform / adaptive / chunked compression.
@@ -115,44 +116,74 @@ def text_of(n_tokens: int, seed: int = 0) -> str:
 # --- 1. the varlen kernel against the per-head loop --------------------------------------------
 
 
+#: per varlen call, against the per-head loop on the same inputs: the log-sum-exp (float32 in both
+#: kernels, so 1e-3 is far above their rounding), and the outputs relative to their largest, per
+#: dtype: bf16 outputs are rounded to 2⁻⁸ of their size (7.2e-3 measured between two correct
+#: kernels on CPU), a mixed-up head or a wrong scale is off by far more
+KERNEL_LSE_TOL = 1e-3
+KERNEL_OUT_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+#: end to end, logits relative to their largest: float32 paths agree to 1e-3; bf16 ones not even
+#: between two correct kernels (8.4e-3 measured on CPU, two layers of the 8B shapes), so there the
+#: bound only catches gross errors, and the per-call check above is the sharp one
+LOGIT_TOL = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+
+
 @torch.inference_mode()
 def check_varlen(model: Any, tokenizer: Any, n_tokens: int, steps: int, cuda: bool) -> dict[str, Any]:
     """Decode ``steps`` tokens over a ragged cache with the per-head loop, then feed the very same
-    tokens through the varlen kernel, and compare the logits.
+    tokens through the varlen kernel; compare every varlen call with the loop on its inputs, and
+    the logits of the two decodes.
 
-    Both paths' logits are taken in float32 from their bf16 last hidden states: bf16 logits
-    themselves are rounded to 2⁻⁸ of their size, so one differing rounding anywhere in the model
-    would break 1e-3 though both kernels were right. Feeding the loop's tokens to both keeps a near
-    tie among a random model's 128k logits from sending the two paths down different
-    continuations; ``same_argmax`` says how often they agreed anyway.
+    The logits are taken in float32 from each path's last hidden state (bf16 logits would add
+    their own rounding). Feeding the loop's tokens to both keeps a near tie among a random model's
+    128k logits from sending the two paths down different continuations; ``same_argmax`` says how
+    often they agreed anyway.
     """
     session = kvtrim.compress(model, tokenizer, text_of(n_tokens), "knorm", ratio=0.5, budget="adaptive")
     ids = encode(tokenizer, session.layout.question_text("What comes next?"))
-    real = ragged._varlen_kernel_for
-    calls = []
+    real, real_part = ragged._varlen_kernel_for, ragged.kept_part_varlen
+    calls: list[bool] = []
+    lse_diffs: list[float] = []  # per varlen call, the largest |lse − loop's lse|
+    out_diffs: list[float] = []  # per varlen call, the largest |out − loop's out| / max |loop's out|
 
     def packed(query, key):
         kernel = real(query, key) if cuda else (ragged.reference_varlen_attn if query.shape[2] == 1 else None)
         calls.append(kernel is not None)
         return kernel
 
+    def compared(query, key, scale, kernel):
+        got, loop = real_part(query, key, scale, kernel), ragged.kept_part(query, key, scale)
+        lse_diffs.append(float((got.lse - loop.lse).abs().max()))
+        off = (got.out.float() - loop.out.float()).abs().max() / loop.out.float().abs().max()
+        out_diffs.append(float(off))
+        return got
+
     results: dict[str, torch.Tensor] = {}
     fed: list[int] | None = None
     for name, chooser in (("loop", lambda query, key: None), ("varlen", packed)):
-        ragged._varlen_kernel_for = chooser
+        ragged._varlen_kernel_for, ragged.kept_part_varlen = chooser, compared
         snapshot = CacheSnapshot.take(session.cache)
         try:
             results[name], fed = _decode_logits(model, session.cache, ids, session.context_length, steps, fed)
         finally:
             snapshot.restore(session.cache)
-            ragged._varlen_kernel_for = real
+            ragged._varlen_kernel_for, ragged.kept_part_varlen = real, real_part
     scale = float(results["loop"].abs().max())  # (steps, V) each
     diff = float((results["loop"] - results["varlen"]).abs().max())
     same_argmax = int((results["loop"].argmax(-1) == results["varlen"].argmax(-1)).sum())
-    ok = bool(any(calls)) and diff <= 1e-3 * scale
+    lse_diff, out_diff = max(lse_diffs, default=float("nan")), max(out_diffs, default=float("nan"))
+    dtype = next(model.parameters()).dtype
+    ok = (
+        bool(any(calls))
+        and lse_diff <= KERNEL_LSE_TOL
+        and out_diff <= KERNEL_OUT_TOL[dtype]
+        and diff <= LOGIT_TOL[dtype] * scale
+    )
     return {
         "varlen_calls": sum(calls),
-        "max_abs_diff": diff,
+        "kernel_lse_max_diff": lse_diff,
+        "kernel_out_max_rel_diff": out_diff,
+        "logits_max_abs_diff": diff,
         "logit_scale": scale,
         "same_argmax": f"{same_argmax}/{steps}",
         "same_tokens": same_argmax == steps,
