@@ -141,10 +141,11 @@ def test_the_reference_varlen_kernel_returns_the_real_kernels_layouts():
     varlen = pytest.importorskip("torch.nn.attention.varlen")
     torch.manual_seed(4)
     n_seq, q_len, group, dim, scale = 3, 2, 4, 8, 0.3  # Σq = 6 ≠ G: a transposed lse cannot pass
-    lengths = [5, 7, 3]
-    cu_k = torch.tensor([0, 5, 12, 15], dtype=torch.int32)
+    lengths = (5, 7, 3)
+    cu_k = ragged.head_offsets(lengths, torch.device("cpu"), torch.int32)  # (n_seq + 1,)
     cu_q = torch.arange(0, (n_seq + 1) * q_len, q_len, dtype=torch.int32)
-    q, k, v = torch.randn(n_seq * q_len, group, dim), torch.randn(15, 1, dim), torch.randn(15, 1, dim)
+    q = torch.randn(n_seq * q_len, group, dim)
+    k, v = torch.randn(sum(lengths), 1, dim), torch.randn(sum(lengths), 1, dim)
     aux = varlen.AuxRequest(lse=True)
     meta = [t.to("meta") for t in (q, k, v, cu_q, cu_k)]
     real_out, real_lse = varlen.varlen_attn(
