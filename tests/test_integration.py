@@ -13,13 +13,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from needle_probe import DEPTHS, needle_hits, needle_samples
+from needle_probe import DEPTHS, answer, hits_of, needle_samples, shared_answers
 
 import kvtrim
+from kvtrim.core.spec import Cell
 
 pytestmark = pytest.mark.integration
 
 MEASURED = {"knorm": 8, "expected-attention": 1, "qfilters": 9}
+UNCOMPRESSED = Cell("none", 0.5, "uniform")
+#: head-wise budgets with ε = 1e-2, the paper's leaderboard configuration
+ADAPTIVE = Cell("expected-attention:epsilon=0.01", 0.5, "adaptive")
 
 
 @pytest.fixture(scope="module")
@@ -32,26 +36,30 @@ def samples(embedded):
     return needle_samples(embedded[1])
 
 
-def _hits(embedded, samples, method: str, ratio: float, **options) -> list[int]:
-    return needle_hits(*embedded, samples, method, ratio, **options)
+@pytest.fixture(scope="module")
+def answers(embedded, samples):
+    """Every configuration's answers, from one prefill per sample shared by all of them."""
+    cells = [UNCOMPRESSED, *(Cell(method, 0.5, "uniform") for method in MEASURED), ADAPTIVE]
+    return shared_answers(*embedded, samples, cells)
 
 
-def test_needle_found_at_every_depth_without_eviction(embedded, samples):
-    assert _hits(embedded, samples, "none", 0.5) == [1] * len(DEPTHS)
+def test_needle_found_at_every_depth_without_eviction(samples, answers):
+    assert hits_of(samples, answers[UNCOMPRESSED]) == [1] * len(DEPTHS)
 
 
 @pytest.mark.parametrize("method", list(MEASURED))
-def test_needle_accuracy_at_half_cache_holds(embedded, samples, method):
-    hits = _hits(embedded, samples, method, 0.5)
+def test_needle_accuracy_at_half_cache_holds(samples, answers, method):
+    hits = hits_of(samples, answers[Cell(method, 0.5, "uniform")])
     print(f"{method}: {sum(hits)}/{len(hits)} {hits}")
     assert sum(hits) >= MEASURED[method]
 
 
-def test_head_adaptive_expected_attention_recovers_the_needle(embedded, samples):
+def test_head_adaptive_expected_attention_recovers_the_needle(embedded, samples, answers):
     """Uniform Expected Attention misses the needle (1/10); head-wise budgets with ε = 1e-2, the
     paper's leaderboard configuration, find it at every depth (measured 10/10) with real memory
-    savings: each head stores only its own kept pairs."""
-    hits = _hits(embedded, samples, "expected-attention", 0.5, budget="adaptive", epsilon=1e-2)
+    savings: each head stores only its own kept pairs. ``compress`` alone gives the shared
+    prefill's answer."""
+    hits = hits_of(samples, answers[ADAPTIVE])
     print(f"expected-attention adaptive eps=1e-2: {sum(hits)}/{len(hits)} {hits}")
     assert sum(hits) >= 10
     model, tokenizer = embedded
@@ -60,6 +68,7 @@ def test_head_adaptive_expected_attention_recovers_the_needle(embedded, samples)
     )
     stats = session.stats
     assert stats.kv_bytes_after == pytest.approx(stats.kv_bytes_before / 2, rel=0.01)
+    assert answer(session, samples[0]) == answers[ADAPTIVE][0]
 
 
 def test_cli_json_reports_answers_and_memory(tmp_path):

@@ -9,14 +9,16 @@ accuracies measured when the model was added (no regression allowed; docs/result
 from __future__ import annotations
 
 import pytest
-from needle_probe import DEPTHS, needle_hits, needle_samples
+from needle_probe import DEPTHS, hits_of, needle_hits, needle_samples, shared_answers
 
 import kvtrim
 from kvtrim.cache.layers import is_sliding
+from kvtrim.core.spec import Cell
 
 pytestmark = pytest.mark.integration
 
 MEASURED = {"expected-attention": 2, "qfilters": 10}  # knorm: 0/10, see docs/results.md
+UNCOMPRESSED = Cell("none", 0.5, "uniform")
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +31,11 @@ def samples(gemma3):
     return needle_samples(gemma3[1])
 
 
-def _hits(gemma3, samples, method: str, ratio: float, **options) -> list[int]:
-    return needle_hits(*gemma3, samples, method, ratio, **options)
+@pytest.fixture(scope="module")
+def answers(gemma3, samples):
+    """Every uniform configuration's answers, from one prefill per sample shared by all of them."""
+    cells = [UNCOMPRESSED, *(Cell(method, 0.5, "uniform") for method in MEASURED)]
+    return shared_answers(*gemma3, samples, cells)
 
 
 def test_the_named_model_is_gemma3_with_sliding_layers(gemma3):
@@ -41,17 +46,17 @@ def test_the_named_model_is_gemma3_with_sliding_layers(gemma3):
     assert any(sliding) and not all(sliding)
 
 
-def test_needle_found_at_every_depth_without_eviction(gemma3, samples):
-    assert _hits(gemma3, samples, "none", 0.5) == [1] * len(DEPTHS)
+def test_needle_found_at_every_depth_without_eviction(samples, answers):
+    assert hits_of(samples, answers[UNCOMPRESSED]) == [1] * len(DEPTHS)
 
 
 @pytest.mark.parametrize("method", list(MEASURED))
-def test_needle_accuracy_at_half_cache_holds(gemma3, samples, method):
-    hits = _hits(gemma3, samples, method, 0.5)
+def test_needle_accuracy_at_half_cache_holds(samples, answers, method):
+    hits = hits_of(samples, answers[Cell(method, 0.5, "uniform")])
     print(f"{method}: {sum(hits)}/{len(hits)} {hits}")
     assert sum(hits) >= MEASURED[method]
 
 
 def test_compressed_windows_with_nothing_evicted_find_the_needle_at_every_depth(gemma3, samples):
     """``/windows`` at ratio 0: every window pair kept at its position, the model's own answers."""
-    assert _hits(gemma3, samples, "knorm", 0.0, windows=True) == [1] * len(DEPTHS)
+    assert needle_hits(*gemma3, samples, "knorm", 0.0, windows=True) == [1] * len(DEPTHS)
