@@ -1,19 +1,18 @@
-"""The command line: documented exit code 2 and a one-line message for every user mistake."""
+"""The command line: documented exit code 2 and a one-line message for every user mistake.
+
+Most commands run in this process (``cli_runner``); the calls marked "process" start the real
+command, as a user does.
+"""
 
 from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
+from cli_runner import run_here as run
+from cli_runner import run_process
 from conftest import make_model, make_tokenizer, sample_text
-
-
-def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "kvtrim.cli", *args], capture_output=True, text=True, input=stdin, timeout=300
-    )
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +33,7 @@ def test_methods_lists_every_method():
     from kvtrim.scorers import METHODS
     from kvtrim.scorers.unavailable import UNAVAILABLE
 
-    result = run("methods")
+    result = run_process("methods")  # process
     assert result.returncode == 0
     for name, cls in METHODS.items():
         assert name in result.stdout and cls.paper in result.stdout
@@ -197,7 +196,7 @@ def test_ask_saves_a_session_and_answers_from_it_alike(tmp_path, tiny_dir):
     common = ["-q", "which?", "--model", tiny_dir, "--max-new-tokens", "6", "--json"]
     first = run("ask", str(doc), "--method", "knorm", "--budget", "adaptive", "--save", str(saved), *common)
     assert first.returncode == 0, first.stderr
-    again = run("ask", "--load", str(saved), *common)
+    again = run_process("ask", "--load", str(saved), *common)  # process: loaded by another one
     assert again.returncode == 0, again.stderr
     before, after = json.loads(first.stdout), json.loads(again.stdout)
     assert after["answers"] == before["answers"] and after["spec"] == before["spec"]

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from cli_runner import run_here, run_process
 from conftest import make_model, make_tokenizer, sample_text
 
 import kvtrim
@@ -110,14 +111,8 @@ def test_a_damaged_converted_model_is_converted_again(tmp_path, monkeypatch, cap
     assert "checksum" in loading.verify_manifest(folder)
 
 
-def run_cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "kvtrim.cli", *args], capture_output=True, input=stdin, timeout=300
-    )
-
-
 def assert_user_error(result: subprocess.CompletedProcess, fragment: str) -> None:
-    err = result.stderr.decode()
+    err = result.stderr
     assert result.returncode == 2, err
     assert fragment in err and "Traceback" not in err
     assert len([line for line in err.splitlines() if line.startswith("kvtrim: error")]) == 1
@@ -126,29 +121,31 @@ def assert_user_error(result: subprocess.CompletedProcess, fragment: str) -> Non
 def test_cli_user_errors_are_one_line(tmp_path):
     latin = tmp_path / "latin1.txt"
     latin.write_bytes("Caf\xe9 cr\xe8me, d\xe9j\xe0 vu.".encode("latin-1"))
-    assert_user_error(run_cli("ask", str(latin), "-q", "q?"), "is not UTF-8 text")
+    assert_user_error(run_here("ask", str(latin), "-q", "q?"), "is not UTF-8 text")
     doc = tmp_path / "doc.txt"
     doc.write_text("hello")
     assert_user_error(
-        run_cli("ask", str(doc), "-q", "q?", "--method", "expected-attention:epsilon=abc"),
+        run_here("ask", str(doc), "-q", "q?", "--method", "expected-attention:epsilon=abc"),
         "epsilon must be a number, got 'abc'",
     )
     empty = tmp_path / "empty-model"
     empty.mkdir()
-    assert_user_error(run_cli("ask", str(doc), "-q", "q?", "--model", str(empty)), "no config.json")
-    assert_user_error(run_cli("ask", str(doc), "-q", "q?", "--spec", "knorm@0.5", "--ratio", "0.2"), "--spec")
+    assert_user_error(run_here("ask", str(doc), "-q", "q?", "--model", str(empty)), "no config.json")
     assert_user_error(
-        run_cli("ask", str(doc), "-q", "q?", "--spec", "knorm@0.5/chunk=8+adaptive"), "must be a number"
+        run_here("ask", str(doc), "-q", "q?", "--spec", "knorm@0.5", "--ratio", "0.2"), "--spec"
     )
-    assert_user_error(run_cli("ask", str(doc), "-q", "q?", "--method", "snapkv", "--chunk", "16"), "chunked")
+    assert_user_error(
+        run_here("ask", str(doc), "-q", "q?", "--spec", "knorm@0.5/chunk=8+adaptive"), "must be a number"
+    )
+    assert_user_error(run_here("ask", str(doc), "-q", "q?", "--method", "snapkv", "--chunk", "16"), "chunked")
 
 
 def test_help_does_not_load_the_library():
     code = "import sys; from kvtrim.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
-    result = run_cli("--help")
-    assert result.returncode == 0 and b"ask" in result.stdout
+    result = run_process("--help")
+    assert result.returncode == 0 and "ask" in result.stdout
 
 
 def test_ask_takes_a_spec(tmp_path):
@@ -158,9 +155,9 @@ def test_ask_takes_a_spec(tmp_path):
     doc = tmp_path / "doc.txt"
     doc.write_text(sample_text(150))
     common = ["ask", str(doc), "-q", "q?", "--model", str(folder), "--json", "--max-new-tokens", "3"]
-    by_spec = json.loads(run_cli(*common, "--spec", "knorm@0.25+tokens:tokens=40/chunk=32").stdout)
+    by_spec = json.loads(run_here(*common, "--spec", "knorm@0.25+tokens:tokens=40/chunk=32").stdout)
     by_flags = json.loads(
-        run_cli(
+        run_here(
             *common, "--method", "knorm", "--ratio", "0.25", "--budget-tokens", "40", "--chunk", "32"
         ).stdout
     )

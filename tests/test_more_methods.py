@@ -6,11 +6,10 @@ from __future__ import annotations
 import functools
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
+from cli_runner import run_here
 from conftest import close, make_model, make_tokenizer, sample_text
 from test_methods import capture_views
 
@@ -181,18 +180,12 @@ def tiny_dir(tmp_path_factory):
     return str(path)
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "kvtrim.cli", *args], capture_output=True, text=True, timeout=300
-    )
-
-
 def test_cli_calibrates_query_stats(tmp_path, monkeypatch, tiny_dir):
     monkeypatch.setenv("KVTRIM_CACHE_DIR", str(tmp_path / "cache"))
     text = tmp_path / "calib.txt"
     text.write_text(sample_text(2000, seed=5))
     args = ["calibrate", "--model", tiny_dir, "--text", str(text), "--sequences", "2", "--length", "200"]
-    result = run_cli(*args, "--what", "query-stats")
+    result = run_here(*args, "--what", "query-stats")
     assert result.returncode == 0, result.stderr
     assert "Query statistics (3, 4, 16) saved" in result.stdout
     assert [p.name for p in (tmp_path / "cache").rglob("*.safetensors")] == ["query_stats.safetensors"]
@@ -572,12 +565,12 @@ def test_cli_ask_with_the_duo_budget(tmp_path, monkeypatch, tiny_dir):
     doc = tmp_path / "doc.txt"
     doc.write_text(sample_text(450))
     ask = ["ask", str(doc), "-q", "q?", "--model", tiny_dir, "--json", "--max-new-tokens", "2"]
-    result = run_cli(*ask, "--method", "streaming-llm", "--budget", "duo", "--ratio", "0.6")
+    result = run_here(*ask, "--method", "streaming-llm", "--budget", "duo", "--ratio", "0.6")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["budget"] == "duo" and report["kv_tokens_after"] < report["kv_tokens_before"]
     assert [p.name for p in (tmp_path / "cache").rglob("*.safetensors")] == ["duo_heads.safetensors"]
-    result = run_cli("calibrate", "--model", tiny_dir, "--what", "duo-heads", "--length", "300")
+    result = run_here("calibrate", "--model", tiny_dir, "--what", "duo-heads", "--length", "300")
     assert result.returncode == 0, result.stderr
     assert "Duo head split (3, 2) saved" in result.stdout
 

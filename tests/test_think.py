@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 
 import pytest
 import torch
+from cli_runner import run_here
 from conftest import make_model, make_tokenizer, sample_text
 from test_methods import Spy
 from transformers import AttentionInterface
@@ -231,9 +231,7 @@ def test_cli_key_channels(tmp_path):
             "--max-new-tokens",
             "2",
         ]
-        return subprocess.run(
-            [sys.executable, "-m", "kvtrim.cli", *args, *flags], capture_output=True, text=True, timeout=300
-        )
+        return run_here(*args, *flags)
 
     plain, pruned = ask(), ask("--key-channels", "0.5")
     assert plain.returncode == 0 and pruned.returncode == 0, pruned.stderr
