@@ -118,7 +118,12 @@ def rope_function(attn: nn.Module) -> Callable:
 
 @dataclass
 class RotaryAt:
-    """RoPE cos/sin for arbitrary positions of one layer (Gemma3 has one rotary per layer type)."""
+    """RoPE cos/sin for arbitrary positions of one layer (Gemma3 has one rotary per layer type).
+
+    Every layer of one compression asks for the same positions (a scorer's window queries, a
+    reconstruction chunk's), so the latest cos/sin are kept on the shared rotary module, per layer
+    type, and handed back while the positions, the dtype, the device and the module's buffers are
+    the same: computed once per forward instead of once per layer, the same tensors."""
 
     rotary: nn.Module
     layer_type: str | None
@@ -126,10 +131,66 @@ class RotaryAt:
 
     def __call__(self, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: (P,) -> cos, sin: (1, P, rotary_dim) in ``like``'s dtype and device."""
+        latest = _latest_rotations(self.rotary)
+        state = _rotary_state(self.rotary)
+        hit = latest.get(self.layer_type)
+        if hit is not None and hit.matches(positions, like, state):
+            return hit.cos, hit.sin
         pos = positions.to(like.device)[None]  # (1, P)
         if self.takes_layer_type:
-            return self.rotary(like, pos, self.layer_type)
-        return self.rotary(like, pos)
+            cos, sin = self.rotary(like, pos, self.layer_type)
+        else:
+            cos, sin = self.rotary(like, pos)
+        latest[self.layer_type] = LatestRotation(positions.clone(), like.dtype, like.device, state, cos, sin)
+        return cos, sin
+
+
+@dataclass
+class LatestRotation:
+    """One layer type's latest cos/sin and everything they were computed from."""
+
+    positions: torch.Tensor  # (P,), a copy
+    dtype: torch.dtype
+    device: torch.device
+    #: the rotary module's buffers (held, so compared by identity) with their versions, and its
+    #: attention scaling: a dynamic RoPE that rescales replaces or updates them
+    state: tuple
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    def matches(self, positions: torch.Tensor, like: torch.Tensor, state: tuple) -> bool:
+        return (
+            like.dtype == self.dtype
+            and like.device == self.device
+            and _same_state(state, self.state)
+            and positions.shape == self.positions.shape
+            and positions.device == self.positions.device
+            and bool(torch.equal(positions, self.positions))
+        )
+
+
+def _rotary_state(rotary: nn.Module) -> tuple:
+    # an inference tensor has no version counter (and cannot be updated outside inference mode)
+    buffers = tuple((b, -1 if b.is_inference() else b._version) for b in rotary.buffers())
+    return buffers, getattr(rotary, "attention_scaling", None)
+
+
+def _same_state(a: tuple, b: tuple) -> bool:
+    (buffers_a, scaling_a), (buffers_b, scaling_b) = a, b
+    return (
+        scaling_a == scaling_b
+        and len(buffers_a) == len(buffers_b)
+        and all(x is y and vx == vy for (x, vx), (y, vy) in zip(buffers_a, buffers_b, strict=True))
+    )
+
+
+def _latest_rotations(rotary: nn.Module) -> dict[str | None, LatestRotation]:
+    """The latest cos/sin per layer type, kept on the rotary module itself (gone with the model)."""
+    latest = getattr(rotary, "_kvtrim_latest_rotations", None)
+    if latest is None:
+        latest = {}
+        rotary._kvtrim_latest_rotations = latest
+    return latest
 
 
 def rotary_for(model: nn.Module, attn: nn.Module) -> RotaryAt:
