@@ -41,13 +41,20 @@ def test_other_positions_dtype_or_an_updated_rotary_are_recomputed():
     cos, _ = rotary(positions, like)
     moved, _ = rotary(positions + 1, like)
     assert not torch.equal(moved, cos) and torch.equal(moved, fresh(rotary, positions + 1, like)[0])
+    rotary(positions, like)  # the latest again, so that only the dtype differs next
     half, _ = rotary(positions, like.double())
     assert half.dtype == torch.float64 and torch.equal(half, fresh(rotary, positions, like.double())[0])
+    primed, _ = rotary(positions, like)  # the latest again: each update below must be noticed
+    assert rotary(positions, like)[0] is primed and torch.equal(primed, cos)
     with torch.no_grad():
         rotary.rotary.inv_freq.mul_(0.5)  # in place, as a rescaling RoPE may do
     slower, _ = rotary(positions, like)
     assert torch.equal(slower, fresh(rotary, positions, like)[0]) and not torch.equal(slower, cos)
-    rotary.rotary.inv_freq = rotary.rotary.inv_freq * 2  # replaced, as dynamic RoPE does
+    replaced = rotary.rotary.inv_freq * 2
+    while replaced._version < rotary.rotary.inv_freq._version:  # a new tensor at the old one's
+        replaced.mul_(1)  # version: only its identity tells them apart
+    assert replaced._version == rotary.rotary.inv_freq._version
+    rotary.rotary.inv_freq = replaced  # replaced, as dynamic RoPE does
     again, _ = rotary(positions, like)
     assert torch.equal(again, fresh(rotary, positions, like)[0])
     torch.testing.assert_close(again, cos)

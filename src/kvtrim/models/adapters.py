@@ -131,8 +131,8 @@ class RotaryAt:
 
     def __call__(self, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: (P,) -> cos, sin: (1, P, rotary_dim) in ``like``'s dtype and device."""
-        latest = _latest_rotations(self.rotary)
-        state = _rotary_state(self.rotary)
+        latest = kept_on(self.rotary, "_kvtrim_latest_rotations")
+        state = rotary_state(self.rotary)
         hit = latest.get(self.layer_type)
         if hit is not None and hit.matches(positions, like, state):
             return hit.cos, hit.sin
@@ -145,6 +145,15 @@ class RotaryAt:
         return cos, sin
 
 
+def rotary_state(rotary: nn.Module) -> tuple[tuple[torch.Tensor, ...], tuple[int, ...], Any]:
+    """What cos/sin depend on besides the positions: the rotary module's buffers (held, so compared
+    by identity), their versions and its attention scaling — a dynamic RoPE replaces or updates them.
+    An inference tensor has no version counter (and cannot be updated outside inference mode)."""
+    buffers = tuple(rotary.buffers())
+    versions = tuple(-1 if b.is_inference() else b._version for b in buffers)
+    return buffers, versions, getattr(rotary, "attention_scaling", None)
+
+
 @dataclass
 class LatestRotation:
     """One layer type's latest cos/sin and everything they were computed from."""
@@ -152,45 +161,21 @@ class LatestRotation:
     positions: torch.Tensor  # (P,), a copy
     dtype: torch.dtype
     device: torch.device
-    #: the rotary module's buffers (held, so compared by identity) with their versions, and its
-    #: attention scaling: a dynamic RoPE that rescales replaces or updates them
-    state: tuple
+    state: tuple  # rotary_state() when they were computed
     cos: torch.Tensor
     sin: torch.Tensor
 
     def matches(self, positions: torch.Tensor, like: torch.Tensor, state: tuple) -> bool:
+        (buffers, versions, scaling), (own_buffers, own_versions, own_scaling) = state, self.state
         return (
             like.dtype == self.dtype
             and like.device == self.device
-            and _same_state(state, self.state)
-            and positions.shape == self.positions.shape
+            and versions == own_versions
+            and scaling == own_scaling
+            and all(a is b for a, b in zip(buffers, own_buffers, strict=True))
             and positions.device == self.positions.device
             and bool(torch.equal(positions, self.positions))
         )
-
-
-def _rotary_state(rotary: nn.Module) -> tuple:
-    # an inference tensor has no version counter (and cannot be updated outside inference mode)
-    buffers = tuple((b, -1 if b.is_inference() else b._version) for b in rotary.buffers())
-    return buffers, getattr(rotary, "attention_scaling", None)
-
-
-def _same_state(a: tuple, b: tuple) -> bool:
-    (buffers_a, scaling_a), (buffers_b, scaling_b) = a, b
-    return (
-        scaling_a == scaling_b
-        and len(buffers_a) == len(buffers_b)
-        and all(x is y and vx == vy for (x, vx), (y, vy) in zip(buffers_a, buffers_b, strict=True))
-    )
-
-
-def _latest_rotations(rotary: nn.Module) -> dict[str | None, LatestRotation]:
-    """The latest cos/sin per layer type, kept on the rotary module itself (gone with the model)."""
-    latest = getattr(rotary, "_kvtrim_latest_rotations", None)
-    if latest is None:
-        latest = {}
-        rotary._kvtrim_latest_rotations = latest
-    return latest
 
 
 def rotary_for(model: nn.Module, attn: nn.Module) -> RotaryAt:
@@ -241,8 +226,13 @@ def layer_internals(model: nn.Module) -> list[LayerInternals]:
 def rotation_cache(rotary: nn.Module) -> dict:
     """Averaged RoPE matrices live on the rotary module itself: shared by every layer and every
     compression of that model, and gone with the model."""
-    cache = getattr(rotary, "_kvtrim_mean_rotations", None)
-    if cache is None:
-        cache = {}
-        rotary._kvtrim_mean_rotations = cache
-    return cache
+    return kept_on(rotary, "_kvtrim_mean_rotations")
+
+
+def kept_on(module: nn.Module, name: str) -> dict:
+    """A dict stored on ``module`` under ``name`` (created empty the first time)."""
+    kept = getattr(module, name, None)
+    if kept is None:
+        kept = {}
+        setattr(module, name, kept)
+    return kept
