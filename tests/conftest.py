@@ -153,9 +153,7 @@ def close(got: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-4, atol: f
 def run_calibrate(tmp_path, what: str, sequences: int, length: int = 150):
     """``kvtrim calibrate --what WHAT`` on a saved tiny Llama and a text file, in a fresh process
     with its own cache (nothing imported beforehand), as a user runs it."""
-    import os
-    import subprocess
-    import sys
+    from cli_runner import run_process
 
     model_dir = tmp_path / "tiny"
     make_model("llama", max_positions=512).save_pretrained(model_dir)
@@ -163,11 +161,5 @@ def run_calibrate(tmp_path, what: str, sequences: int, length: int = 150):
     text = tmp_path / "text.txt"
     text.write_text(sample_text(4000, seed=5))
     args = ["calibrate", "--model", str(model_dir), "--what", what, "--text", str(text)]
-    env = {**os.environ, "KVTRIM_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "kvtrim.cli", *args, "--sequences", str(sequences), "--length", str(length)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    env = {"KVTRIM_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    return run_process(*args, "--sequences", str(sequences), "--length", str(length), env=env)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 
 import pytest
 import torch
+from cli_runner import exit_code, run_process
 from conftest import make_model, make_tokenizer
 
 from kvtrim.bench.plots import plot_accuracy, plot_needle_grid
@@ -135,10 +134,7 @@ def test_write_report(tmp_path):
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny model: one thread is fastest
-    return subprocess.run(
-        [sys.executable, "-m", "kvtrim.cli", *args], capture_output=True, text=True, timeout=300, env=env
-    )
+    return run_process(*args, env={"OMP_NUM_THREADS": "1"})  # tiny model: one thread is fastest
 
 
 @pytest.fixture(scope="module")
@@ -151,14 +147,10 @@ def tiny_dir(tmp_path_factory):
 
 def main(*args: str) -> int:
     """The CLI in this process (faster than a subprocess), on one thread."""
-    from kvtrim.cli import main as kvtrim_main
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return kvtrim_main(list(args))
-    except SystemExit as exit_:  # argparse's usage errors
-        return int(exit_.code)
+        return exit_code(*args)
     finally:
         torch.set_num_threads(threads)
 

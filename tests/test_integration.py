@@ -8,11 +8,10 @@ regression allowed); see docs/results.md for the figures and the analysis.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_runner import run_process
 from needle_probe import DEPTHS, answer, hits_of, needle_samples, shared_answers
 
 import kvtrim
@@ -73,29 +72,22 @@ def test_head_adaptive_expected_attention_recovers_the_needle(embedded, samples,
 
 def test_cli_json_reports_answers_and_memory(tmp_path):
     doc = Path(kvtrim.__file__).parent / "data" / "example.md"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kvtrim.cli",
-            "ask",
-            str(doc),
-            "-q",
-            "What will the new interpretation space in the old fog signal house be called?",
-            "-q",
-            "What colour is the flash of the Saltmarsh Bay light?",
-            "--method",
-            "expected-attention",
-            "--ratio",
-            "0.5",
-            "--json",
-            "--max-new-tokens",
-            "24",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
+    result = run_process(
+        "ask",
+        str(doc),
+        "-q",
+        "What will the new interpretation space in the old fog signal house be called?",
+        "-q",
+        "What colour is the flash of the Saltmarsh Bay light?",
+        "--method",
+        "expected-attention",
+        "--ratio",
+        "0.5",
+        "--json",
+        "--max-new-tokens",
+        "24",
     )
+    assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert len(report["answers"]) == 2 and report["answers"][1]["question"].startswith("What colour")
     assert "Tidewatch Room" in report["answers"][0]["answer"]  # measured: found at ratio 0.5

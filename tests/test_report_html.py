@@ -6,11 +6,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_runner import run_process
 from conftest import make_model, make_tokenizer
 
 from kvtrim.bench.config import BenchConfig
@@ -48,12 +47,7 @@ def browser():
 
 
 def _report(*sources: str | Path, out: Path) -> Path:
-    result = subprocess.run(
-        [sys.executable, "-m", "kvtrim.cli", "report", *map(str, sources), "--html", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_process("report", *map(str, sources), "--html", "--out", str(out), timeout=600)
     assert result.returncode == 0, result.stderr
     return out
 
