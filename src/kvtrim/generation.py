@@ -9,13 +9,13 @@ do not pay for long ones. The phases follow gpt-fast's ``generate.py``.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from kvtrim.core.clock import device_time
 from kvtrim.models.adapters import model_device
 from kvtrim.models.forward import forward
 
@@ -67,17 +67,18 @@ def prefill(
     """Fill ``cache`` with token ``rows`` from position 0 (left-padded and masked when there are
     several), ``chunk_size`` tokens per forward when given (one row only). Whatever compressor is
     attached compresses as the forwards run. Returns each row's left padding and the wall time."""
-    start = time.perf_counter()
+    device = model_device(model)
+    start = device_time(device)
     if len(rows) == 1:
         ids = list(rows[0])
         step = chunk_size or len(ids)
         for begin in range(0, len(ids), step):
             end = min(begin + step, len(ids))
             forward(model, [ids[begin:end]], torch.arange(begin, end)[None], cache)  # (1, chunk)
-        return [0], time.perf_counter() - start
+        return [0], device_time(device) - start
     padding, ids, mask = left_pad(rows, pad_id)  # (B, W)
     forward(model, ids, padded_positions(padding, ids.shape[1], [0] * len(rows)), cache, mask)
-    return padding, time.perf_counter() - start
+    return padding, device_time(device) - start
 
 
 def greedy_decode(

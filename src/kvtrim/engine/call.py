@@ -7,7 +7,6 @@ and does the bookkeeping every compressing step shares (sliding-window layers, p
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +26,7 @@ from kvtrim.cache.layers import (
 from kvtrim.cache.layers import (
     is_sliding as layer_is_sliding,
 )
+from kvtrim.core.clock import device_time
 from kvtrim.core.stats import CompressionStats
 from kvtrim.models.adapters import LayerInternals, queries_from_projection
 from kvtrim.scorers.base import LayerView
@@ -75,6 +75,11 @@ class LayerCall:
     forward_positions: ForwardPositions = field(default_factory=ForwardPositions)
 
     @property
+    def device(self) -> torch.device:
+        """Where this forward runs (its hidden states' device)."""
+        return self.kwargs["hidden_states"].device
+
+    @property
     def q_len(self) -> int:
         """Tokens of the current forward."""
         return int(self.kwargs["hidden_states"].shape[1])
@@ -100,7 +105,7 @@ class LayerCall:
     def query_positions(self) -> torch.Tensor:
         """(q,) absolute positions of the current forward's tokens (batch element 0's)."""
         position_ids = self.kwargs.get("position_ids")
-        device = self.kwargs["hidden_states"].device
+        device = self.device
         q_len = self.q_len
 
         def compute() -> torch.Tensor:
@@ -219,9 +224,9 @@ class LayerCall:
             self.account(layer, before, held, held)
             return
         self.stats.kv_bytes_peak = max(self.stats.kv_bytes_peak, cache_bytes(self.cache))
-        start = time.perf_counter()
+        start = device_time(self.device)
         action(self)
-        self.stats.compress_s += time.perf_counter() - start
+        self.stats.compress_s += device_time(self.device) - start
 
     def account(self, layer: Any, bytes_before: int, seq: int, keep: float) -> None:
         """Record one layer; ``keep`` is pairs per head (a mean for ragged layers)."""

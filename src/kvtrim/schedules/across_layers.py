@@ -4,11 +4,11 @@ prefill is over — the cache peaks at its full size meanwhile, as for KVzip."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
 
+from kvtrim.core.clock import device_time
 from kvtrim.core.stats import CompressionStats
 from kvtrim.engine.call import LayerCall
 from kvtrim.engine.eviction import Selector, evict_by_scores
@@ -35,9 +35,10 @@ class AcrossLayers(Schedule):
 
     def finish(self, cache: Any, n_tokens: int, stats: CompressionStats) -> CompressionStats:
         """Evict every layer by the budget's joint choice; the figures count each layer once."""
-        start = time.perf_counter()
+        device = next(iter(self.scores.values())).device if self.scores else None
+        start = device_time(device)
         out = CompressionStats(kv_bytes_peak=stats.kv_bytes_peak)
         evict_by_scores(cache, self.scores, self.selector, out)
         self.scores = {}
-        out.compress_s = stats.compress_s + time.perf_counter() - start
+        out.compress_s = stats.compress_s + device_time(device) - start
         return out

@@ -10,7 +10,6 @@ the queries of the last ``query_window`` tokens (the prefill's last ones at firs
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
@@ -18,6 +17,7 @@ import torch
 from kvtrim.cache.cam import cam_merge
 from kvtrim.cache.keep import gather_pairs, keep_mask
 from kvtrim.cache.merge import merge_evicted
+from kvtrim.core.clock import device_time
 from kvtrim.core.selection import top_indices
 from kvtrim.core.stats import CompressionStats
 from kvtrim.engine.call import LayerCall
@@ -58,9 +58,9 @@ class DecodingSchedule(Schedule):
         if self.prefill.takes(call):
             call.compress(self._compress_prefill)
         elif not call.is_sliding:
-            start = time.perf_counter()
+            start = device_time(call.device)
             self._evict_while_decoding(call)
-            call.stats.decode_evict_s += time.perf_counter() - start
+            call.stats.decode_evict_s += device_time(call.device) - start
 
     def finish(self, cache: Any, n_tokens: int, stats: CompressionStats) -> CompressionStats:
         return self.prefill.finish(cache, n_tokens, stats)

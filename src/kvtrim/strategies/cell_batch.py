@@ -11,7 +11,6 @@ are out. Rows that stop (stop token) leave the batch, so short answers do not pa
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,7 +19,9 @@ import torch
 from kvtrim.attention.interface import enable
 from kvtrim.cache.layers import head_pairs, is_sliding
 from kvtrim.cache.masked import HeadMaskedLayer
+from kvtrim.core.clock import device_time
 from kvtrim.generation import decode, stop_token_ids
+from kvtrim.models.adapters import model_device
 from kvtrim.sessions.answer import Answer
 from kvtrim.sessions.session import Session
 from kvtrim.strategies.planner import check_cell_batch
@@ -64,12 +65,12 @@ def answer_cells(
     model, tokenizer = first.model, first.tokenizer
     question, ids = first.prompt_ids(question, max_new_tokens, answer_prefix)
     enable(model)  # the batch's attention lives in kvtrim_sdpa (plain sdpa elsewhere)
-    start = time.perf_counter()
+    start = device_time(model_device(model))
     cache = stack_caches(sessions, room=len(ids) + max_new_tokens)  # copies: sessions stay as they are
     n = len(sessions)
     stop_ids = stop_token_ids(model, tokenizer)
     generated = decode(model, cache, [ids] * n, [first.first_position] * n, [max_new_tokens] * n, stop_ids)
-    share = (time.perf_counter() - start) / n
+    share = (device_time(model_device(model)) - start) / n
     return [
         Answer(question, tokenizer.decode(tokens, skip_special_tokens=True).strip(), tokens, share)
         for tokens in generated

@@ -18,7 +18,6 @@ The cache peaks at the full context plus one chunk; ``stats.kv_bytes_peak`` says
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,12 +30,13 @@ from kvtrim.budgets.base import Budget
 from kvtrim.budgets.uniform import UniformBudget
 from kvtrim.cache.layers import cache_bytes, is_sliding, layer_tokens
 from kvtrim.cache.snapshot import CacheSnapshot
+from kvtrim.core.clock import device_time
 from kvtrim.core.stats import CompressionStats
 from kvtrim.engine.call import LayerCall
 from kvtrim.engine.compressor import Compressor
 from kvtrim.engine.eviction import Selector, evict_by_scores
 from kvtrim.generation import prefill
-from kvtrim.models.adapters import check_supported, max_context
+from kvtrim.models.adapters import check_supported, max_context, model_device
 from kvtrim.models.forward import forward, new_cache
 from kvtrim.models.prompting import PromptLayout, encode_context
 from kvtrim.schedules import AfterPrefill, Schedule
@@ -173,12 +173,13 @@ def compress_by_reconstruction(
     cache = new_cache(model)
     with Compressor(model, keep_everything(), seed=seed).attached():
         _, prefill_s = prefill(model, cache, [ids])
-    start = time.perf_counter()
+    device = model_device(model)
+    start = device_time(device)
     stats = CompressionStats()
     scores, peak = score_by_reconstruction(
         model, tokenizer, cache, plan.scorer, layout, context, len(ids), seed
     )
     evict_by_scores(cache, scores, plan.selector(), stats)
     stats.kv_bytes_peak = peak
-    stats.compress_s = time.perf_counter() - start
+    stats.compress_s = device_time(device) - start
     return plan.session(model, tokenizer, cache, layout, len(ids), stats, prefill_s)

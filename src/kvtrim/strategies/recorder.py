@@ -4,7 +4,6 @@ for every ratio recorded, nothing evicted (the shared-prefill strategies build e
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -12,6 +11,7 @@ import torch
 
 from kvtrim.budgets.base import Budget
 from kvtrim.cache.layers import layer_bytes, layer_tokens
+from kvtrim.core.clock import device_time
 from kvtrim.core.errors import KVTrimError
 from kvtrim.core.ratios import check_ratio
 from kvtrim.core.spec import Cell
@@ -92,12 +92,12 @@ class ScoreRecorder(Schedule):
             evicting = {key: selector.evicts(seq) for key, selector in selectors.items()}
             scores = None
             if any(evicting.values()):
-                start = time.perf_counter()
+                start = device_time(call.device)
                 if view is None:
                     view = make_view()
                 if not scorer.uses_budget:
                     scores = scorer.score(view)  # (B, Hkv, T)
-                self.score_s[name] += time.perf_counter() - start
+                self.score_s[name] += device_time(call.device) - start
             for (ratio, budget_name), selector in selectors.items():
                 cell = Cell(name, ratio, budget_name)
                 choices[cell] = None
@@ -108,11 +108,12 @@ class ScoreRecorder(Schedule):
     def settle(self) -> None:
         """Choose the cells deferred to the end of the prefill (budgets spanning layers)."""
         for cell, scores in self.deferred.items():
-            start = time.perf_counter()
+            device = next(iter(scores.values())).device
+            start = device_time(device)
             budget = self.budgets[cell.budget]
             chosen = Selector(self.scorers[cell.method], budget, cell.ratio).select_all(scores, self.n_layers)
             self.kept[cell] = [chosen[c.idx] if isinstance(c, _Deferred) else c for c in self.kept[cell]]
-            self.select_s[cell] += time.perf_counter() - start
+            self.select_s[cell] += device_time(device) - start
         self.deferred = {}
 
     def _select(
@@ -120,7 +121,7 @@ class ScoreRecorder(Schedule):
     ) -> Any:
         """The cell's choice for this layer: (B, Hkv, K) indices or a (B, Hkv, T) mask, or a
         :class:`_Deferred` stand-in for a budget spanning layers."""
-        start = time.perf_counter()
+        start = device_time(call.device)
         self.n_layers = call.n_layers
         if selector.budget.spans_layers:  # chosen with every layer's scores, once all are in
             if self.padding is not None:
@@ -132,10 +133,10 @@ class ScoreRecorder(Schedule):
         if selector.scorer.uses_budget:  # its scores depend on the cell's kept count: rescore
             keep = selector.layer_keep(seq, call.idx, call.n_layers)
             scores = selector.scorer.score(dataclasses.replace(view, budget_keep=keep))  # (B, Hkv, T)
-            self.score_s[cell.method] += time.perf_counter() - start
-            start = time.perf_counter()
+            self.score_s[cell.method] += device_time(call.device) - start
+            start = device_time(call.device)
         chosen = selector.select(scores, call.idx, call.n_layers, view)
-        self.select_s[cell] += time.perf_counter() - start
+        self.select_s[cell] += device_time(call.device) - start
         return chosen
 
 

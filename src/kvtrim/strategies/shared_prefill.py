@@ -12,7 +12,6 @@ scorer's own time).
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,11 +30,13 @@ from kvtrim.cache.layers import (
     logical_bytes,
     sliding_bytes,
 )
+from kvtrim.core.clock import device_time
 from kvtrim.core.ratios import check_ratio
 from kvtrim.core.spec import Cell
 from kvtrim.core.stats import CompressionStats
 from kvtrim.engine.compressor import Compressor
 from kvtrim.generation import prefill
+from kvtrim.models.adapters import model_device
 from kvtrim.models.forward import new_cache
 from kvtrim.models.prompting import PromptLayout, encode_context, question_tokens
 from kvtrim.scorers.base import Scorer
@@ -162,12 +163,12 @@ def prefill_once(
     kept, score_s = recorder.kept, recorder.score_s
     for name, scorer in scorers.items():
         if scorer.needs_reconstruction:  # KVzip: one reconstruction of the full cache for all its cells
-            start = time.perf_counter()
+            start = device_time(model_device(model))
             cells = reconstruction_choices(
                 model, tokenizer, cache, scorer, layout, context, len(ids), ratio_list, policies, seed
             )
             kept.update({Cell(name, *cell): chosen for cell, chosen in cells.items()})
-            score_s[name] = time.perf_counter() - start
+            score_s[name] = device_time(model_device(model)) - start
     return SharedPrefill(
         model=model,
         tokenizer=tokenizer,
