@@ -9,7 +9,11 @@ measured in one run (``--out`` saves them as JSON). Run it alone on the machine,
 OMP_NUM_THREADS set.
 
     python benchmarks/core_speed_memory.py [--lengths 1024,2048,4096,8000] [--ratio 0.5]
-        [--methods all] [--repeats 2] [--decode 32] [--out FILE]
+        [--methods all] [--repeats 2] [--decode 32] [--shape llama-3.2-1b] [--out FILE]
+
+``--shape`` times a randomly initialised model of published shapes instead of the loaded one
+(keeping its tokenizer): scoring's share of a prefill depends on the model's widths, and the
+embedded model is narrow (576 wide, 64 per head), so its shares are the largest of any model.
 """
 
 from __future__ import annotations
@@ -20,11 +24,14 @@ import statistics
 import time
 
 import torch
+from model_shapes import SHAPES, random_model  # benchmarks/ is on the path when a script here runs
 
 import kvtrim
 import kvtrim.core.hooks as hooks_module
 from kvtrim.bench.tasks.needle import needle_sample
+from kvtrim.core.clock import device_time
 from kvtrim.generation import greedy_decode
+from kvtrim.models.adapters import model_device
 from kvtrim.models.prompting import encode
 from kvtrim.scorers import SCORERS, make_scorer
 
@@ -36,8 +43,9 @@ class TimedScorer:
     reconstruction scorers): the scorer's own work, without the selection and the copy of the
     kept pairs that the whole compression adds, nor a reconstruction scorer's extra forwards."""
 
-    def __init__(self, method: str):
+    def __init__(self, method: str, device: torch.device | None = None):
         self.scorer = make_scorer(method)
+        self.device = device  # a GPU's queued work is waited for at both ends of a call
         self.seconds = 0.0
         self._depth = 0  # score_reconstruction may call score: time the outer call only
         for name in ("score", "score_reconstruction"):
@@ -45,14 +53,14 @@ class TimedScorer:
 
     def _timed(self, function):  # noqa: ANN001, ANN202
         def timed(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-            start = time.perf_counter()
+            start = device_time(self.device)
             self._depth += 1
             try:
                 return function(*args, **kwargs)
             finally:
                 self._depth -= 1
                 if not self._depth:
-                    self.seconds += time.perf_counter() - start
+                    self.seconds += device_time(self.device) - start
 
         return timed
 
@@ -62,14 +70,20 @@ class TimedScorer:
         return session, self.seconds
 
 
+def scoring_methods() -> list[str]:
+    """Every scorer that needs no forward pass of its own (``none`` included, as the baseline)."""
+    return [m for m, cls in SCORERS.items() if not (cls.needs_reconstruction or cls.query_aware)]
+
+
 def scoring_rows(
     model, tokenizer, context: str, methods: list[str], ratio: float, repeats: int
 ) -> list[dict]:
     """Per method: the median prefill, scoring (the scorer alone) and compression (scoring,
     selection and the copy of the kept pairs) times over ``repeats`` runs, and the bytes."""
     rows = []
+    device = model_device(model)
     for method in methods:
-        timed = TimedScorer(method)
+        timed = TimedScorer(method, device)
         runs = [timed.run(model, tokenizer, context, ratio) for _ in range(repeats)]
         sessions = [session for session, _ in runs]
         prefill = statistics.median(r.prefill_s for r in sessions)
@@ -188,17 +202,25 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=2, help="runs per cell; the median is kept")
     parser.add_argument("--decode", type=int, default=32, help="new tokens in the hooks comparison")
-    parser.add_argument("--model", default=None)
+    parser.add_argument("--model", default=None, help="the model (or, with --shape, only its tokenizer)")
+    parser.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        default=None,
+        help="time a randomly initialised model of these shapes instead (costs depend on shapes only)",
+    )
     parser.add_argument(
         "--only", choices=("scoring", "hooks"), default=None, help="run one of the two tables"
     )
     parser.add_argument("--out", default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
 
-    methods = [m for m, cls in SCORERS.items() if not (cls.needs_reconstruction or cls.query_aware)]
-    if args.methods != "all":
-        methods = args.methods.split(",")
+    methods = scoring_methods() if args.methods == "all" else args.methods.split(",")
     model, tokenizer = kvtrim.load_model(args.model)
+    if args.shape:
+        config = SHAPES[args.shape](max(int(x) for x in args.lengths.split(",")) + 1024, len(tokenizer))
+        model = random_model(config, model_device(model), next(model.parameters()).dtype)
+        print(f"randomly initialised {args.shape} shapes, {args.model or 'the default model'}'s tokenizer")
     kvtrim.compress(model, tokenizer, "warm up " * 64, method="none", ratio=0.0)
     print(
         f"{'tokens':>6} {'method':<30} {'prefill s':>9} {'score s':>8} {'/prefill':>8} {'compr s':>8} "

@@ -8,12 +8,17 @@
 2. A randomly initialised Llama-3.1-8B-shaped model (its config only: no weights to download) at
    16k and 32k tokens: peak CUDA memory, prefill seconds and decode tokens/s for plain
    transformers (``model.generate``) and kvtrim's none / uniform / adaptive / chunked compression.
+3. On the same model at 16k tokens, every scorer that needs no pass of its own, and KVzip: its
+   scoring and its whole compression as shares of the prefill, the figures
+   ``core_speed_memory.py`` gives on the CPU. A scorer that fails on the GPU is reported and fails
+   the check.
 
 Meant to finish in under 6 minutes on one GPU. ``--tiny`` runs the same code on a tiny model on
 the CPU (the varlen kernel then replaced by a plain reference, as in the unit tests), so the script
 works the first time a GPU is there; the test suite runs it that way.
 
-    python benchmarks/gpu_check.py [--tiny] [--lengths 16384,32768] [--decode 64] [--out FILE]
+    python benchmarks/gpu_check.py [--tiny] [--lengths 16384,32768] [--decode 64]
+        [--score-length 16384] [--out FILE]
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from core_speed_memory import scoring_methods, scoring_rows  # benchmarks/ is on the path
+from model_shapes import char_tokenizer, llama_8b_config, random_model, tiny_config
 
 import kvtrim
 from kvtrim.attention import ragged
@@ -42,69 +47,6 @@ CELLS = (
     ("adaptive", {"method": "expected-attention", "ratio": 0.5, "budget": "adaptive", "epsilon": 0.01}),
     ("chunked", {"method": "knorm", "ratio": 0.5, "chunk_size": 4096}),
 )
-
-
-def llama_8b_config(max_positions: int) -> LlamaConfig:
-    """Llama-3.1-8B's shapes (its published config), for a randomly initialised stand-in."""
-    return LlamaConfig(
-        vocab_size=128_256,
-        hidden_size=4096,
-        intermediate_size=14_336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        max_position_embeddings=max_positions,
-        rope_theta=500_000.0,
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
-        rms_norm_eps=1e-5,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-
-
-def tiny_config(max_positions: int) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=len(_VOCAB),
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=max_positions,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-
-
-_VOCAB = ["<unk>", "<s>", "</s>", *string.printable]
-
-
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per printable character: a text of N characters is N tokens (no download)."""
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(_VOCAB)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-
-
-def random_model(config: LlamaConfig, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with device:
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    model.config._attn_implementation = "sdpa"
-    return model.eval()
 
 
 def text_of(n_tokens: int, seed: int = 0) -> str:
@@ -288,6 +230,28 @@ def speed_rows(
     return rows
 
 
+# --- 3. what scoring costs against the prefill at this model's width --------------------------
+
+
+def scoring_section(model: Any, tokenizer: Any, n_tokens: int, repeats: int) -> list[dict]:
+    """Each scorer without a pass of its own, and KVzip, compressing one ``n_tokens`` context to
+    half: its scoring and its whole compression as shares of the prefill (targets: ≤ 2%, and ≤ 2×
+    for KVzip). On the embedded CPU model these shares are at their largest: it is narrow."""
+    print(
+        f"\n{'tokens':>6} {'method':<30} {'prefill s':>9} {'score s':>8} {'/prefill':>8} {'compr s':>8} "
+        f"{'/prefill':>8} {'full MiB':>9} {'kept MiB':>9} {'kept/tgt':>8}",
+        flush=True,
+    )
+    rows = []
+    for method in [*scoring_methods(), "kvzip"]:
+        try:
+            rows += scoring_rows(model, tokenizer, text_of(n_tokens), [method], 0.5, repeats)
+        except Exception as error:  # noqa: BLE001 — a scorer failing on this device is a finding: record it, go on
+            rows.append({"method": method, "tokens": n_tokens, "error": f"{type(error).__name__}: {error}"})
+            print(f"{n_tokens:>6} {method:<30} FAILED {rows[-1]['error']}", flush=True)
+    return rows
+
+
 def _print(row: dict[str, Any]) -> None:
     peak = "-" if row["peak_gib"] is None else f"{row['peak_gib']:.2f}"
     kv = "-" if row["kv_bytes_after"] is None else f"{row['kv_bytes_after'] / 2**20:.1f}"
@@ -309,6 +273,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "--lengths", default=None, help="context tokens (default 16384,32768; --tiny 256,512)"
     )
     parser.add_argument("--decode", type=int, default=64, help="new tokens per cell")
+    parser.add_argument(
+        "--score-length",
+        type=int,
+        default=None,
+        help="context tokens of the scoring table (default 16384; --tiny 256)",
+    )
     parser.add_argument("--out", default=None, help="also write the figures as JSON here")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.tiny
@@ -328,17 +298,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     del small
     model = random_model((tiny_config if args.tiny else llama_8b_config)(max(lengths) + 1024), device, dtype)
     rows = speed_rows(model, tokenizer, lengths, args.decode, device)
-    report = {"device": str(device), "dtype": str(dtype), "varlen": varlen, "rows": rows}
+    score_length = args.score_length or (256 if args.tiny else 16384)
+    scoring = scoring_section(model, tokenizer, min(score_length, max(lengths)), 1 if args.tiny else 2)
+    report = {"device": str(device), "dtype": str(dtype), "varlen": varlen, "rows": rows, "scoring": scoring}
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
+    failures = [f"{row['method']} failed on {device}: {row['error']}" for row in scoring if "error" in row]
     if not varlen["ok"]:
-        why = (
+        failures.append(
             "the varlen kernel never ran (torch.nn.attention.varlen missing, or it refused these shapes)"
             if not varlen["varlen_calls"]
             else "the varlen kernel and the per-head loop disagree"
         )
-        print(f"FAILED: {why}", file=sys.stderr)
+    if failures:
+        print("FAILED:\n" + "\n".join(failures), file=sys.stderr)
         sys.exit(1)
     return report
 
