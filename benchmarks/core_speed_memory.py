@@ -70,6 +70,12 @@ class TimedScorer:
         return session, self.seconds
 
 
+SCORING_HEADER = (
+    f"{'tokens':>6} {'method':<30} {'prefill s':>9} {'score s':>8} {'/prefill':>8} {'compr s':>8} "
+    f"{'/prefill':>8} {'full MiB':>9} {'kept MiB':>9} {'kept/tgt':>8}"
+)
+
+
 def scoring_methods() -> list[str]:
     """Every scorer that needs no forward pass of its own (``none`` included, as the baseline)."""
     return [m for m, cls in SCORERS.items() if not (cls.needs_reconstruction or cls.query_aware)]
@@ -222,10 +228,7 @@ def main() -> None:
         model = random_model(config, model_device(model), next(model.parameters()).dtype)
         print(f"randomly initialised {args.shape} shapes, {args.model or 'the default model'}'s tokenizer")
     kvtrim.compress(model, tokenizer, "warm up " * 64, method="none", ratio=0.0)
-    print(
-        f"{'tokens':>6} {'method':<30} {'prefill s':>9} {'score s':>8} {'/prefill':>8} {'compr s':>8} "
-        f"{'/prefill':>8} {'full MiB':>9} {'kept MiB':>9} {'kept/tgt':>8}"
-    )
+    print(SCORING_HEADER)
     scoring, hooks = [], []
     samples = {n: needle_sample(tokenizer, n, depth=0.5) for n in (int(x) for x in args.lengths.split(","))}
     for sample in samples.values() if args.only != "hooks" else ():

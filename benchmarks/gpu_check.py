@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from core_speed_memory import scoring_methods, scoring_rows  # benchmarks/ is on the path
+from core_speed_memory import SCORING_HEADER, scoring_methods, scoring_rows  # benchmarks/ is on the path
 from model_shapes import char_tokenizer, llama_8b_config, random_model, tiny_config
 
 import kvtrim
@@ -233,19 +233,15 @@ def speed_rows(
 # --- 3. what scoring costs against the prefill at this model's width --------------------------
 
 
-def scoring_section(model: Any, tokenizer: Any, n_tokens: int, repeats: int) -> list[dict]:
+def scoring_section(model: Any, tokenizer: Any, n_tokens: int) -> list[dict]:
     """Each scorer without a pass of its own, and KVzip, compressing one ``n_tokens`` context to
     half: its scoring and its whole compression as shares of the prefill (targets: ≤ 2%, and ≤ 2×
     for KVzip). On the embedded CPU model these shares are at their largest: it is narrow."""
-    print(
-        f"\n{'tokens':>6} {'method':<30} {'prefill s':>9} {'score s':>8} {'/prefill':>8} {'compr s':>8} "
-        f"{'/prefill':>8} {'full MiB':>9} {'kept MiB':>9} {'kept/tgt':>8}",
-        flush=True,
-    )
+    print(f"\n{SCORING_HEADER}", flush=True)
     rows = []
     for method in [*scoring_methods(), "kvzip"]:
         try:
-            rows += scoring_rows(model, tokenizer, text_of(n_tokens), [method], 0.5, repeats)
+            rows += scoring_rows(model, tokenizer, text_of(n_tokens), [method], 0.5, repeats=1)  # warm by now
         except Exception as error:  # noqa: BLE001 — a scorer failing on this device is a finding: record it, go on
             rows.append({"method": method, "tokens": n_tokens, "error": f"{type(error).__name__}: {error}"})
             print(f"{n_tokens:>6} {method:<30} FAILED {rows[-1]['error']}", flush=True)
@@ -299,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model = random_model((tiny_config if args.tiny else llama_8b_config)(max(lengths) + 1024), device, dtype)
     rows = speed_rows(model, tokenizer, lengths, args.decode, device)
     score_length = args.score_length or (256 if args.tiny else 16384)
-    scoring = scoring_section(model, tokenizer, min(score_length, max(lengths)), 1 if args.tiny else 2)
+    scoring = scoring_section(model, tokenizer, min(score_length, max(lengths)))
     report = {"device": str(device), "dtype": str(dtype), "varlen": varlen, "rows": rows, "scoring": scoring}
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:

@@ -27,7 +27,7 @@ def llama_8b_config(max_positions: int, vocab_size: int = 128_256) -> LlamaConfi
         num_attention_heads=32,
         num_key_value_heads=8,
         head_dim=128,
-        max_position_embeddings=max_positions,
+        max_position_embeddings=max(max_positions, 8192),  # llama3 RoPE scales beyond 8192
         rope_theta=500_000.0,
         rope_scaling={
             "rope_type": "llama3",
@@ -52,7 +52,7 @@ def llama_1b_config(max_positions: int, vocab_size: int = 128_256) -> LlamaConfi
         num_attention_heads=32,
         num_key_value_heads=8,
         head_dim=64,
-        max_position_embeddings=max_positions,
+        max_position_embeddings=max(max_positions, 8192),  # llama3 RoPE scales beyond 8192
         rope_theta=500_000.0,
         rope_scaling={
             "rope_type": "llama3",
