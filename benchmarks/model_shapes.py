@@ -17,54 +17,54 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 _VOCAB = ["<unk>", "<s>", "</s>", *string.printable]
 
 
-def llama_8b_config(max_positions: int, vocab_size: int = 128_256) -> LlamaConfig:
-    """Llama-3.1-8B's shapes (its published config)."""
+def _llama3(max_positions: int, vocab_size: int, rope_factor: float, **widths: object) -> LlamaConfig:
+    """A Llama 3 config: its RoPE (θ = 500,000, "llama3" scaling from 8,192 positions) and ``widths``."""
     return LlamaConfig(
         vocab_size=vocab_size,
+        max_position_embeddings=max(max_positions, 16_384),  # above the 8,192 its RoPE scales from
+        rope_theta=500_000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": rope_factor,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        **widths,
+    )
+
+
+def llama_8b_config(max_positions: int, vocab_size: int = 128_256) -> LlamaConfig:
+    """Llama-3.1-8B's shapes (its published config)."""
+    return _llama3(
+        max_positions,
+        vocab_size,
+        rope_factor=8.0,
         hidden_size=4096,
         intermediate_size=14_336,
         num_hidden_layers=32,
         num_attention_heads=32,
         num_key_value_heads=8,
         head_dim=128,
-        max_position_embeddings=max(max_positions, 8192),  # llama3 RoPE scales beyond 8192
-        rope_theta=500_000.0,
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
-        rms_norm_eps=1e-5,
-        bos_token_id=1,
-        eos_token_id=2,
     )
 
 
 def llama_1b_config(max_positions: int, vocab_size: int = 128_256) -> LlamaConfig:
     """Llama-3.2-1B's shapes (its published config): 16 layers of 32 query / 8 KV heads of 64."""
-    return LlamaConfig(
-        vocab_size=vocab_size,
+    return _llama3(
+        max_positions,
+        vocab_size,
+        rope_factor=32.0,
         hidden_size=2048,
         intermediate_size=8192,
         num_hidden_layers=16,
         num_attention_heads=32,
         num_key_value_heads=8,
         head_dim=64,
-        max_position_embeddings=max(max_positions, 8192),  # llama3 RoPE scales beyond 8192
-        rope_theta=500_000.0,
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 32.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
-        rms_norm_eps=1e-5,
         tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
     )
 
 

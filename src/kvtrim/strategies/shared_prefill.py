@@ -161,14 +161,15 @@ def prefill_once(
         _, total = prefill(model, cache, [ids])
     recorder.settle()
     kept, score_s = recorder.kept, recorder.score_s
+    device = model_device(model)
     for name, scorer in scorers.items():
         if scorer.needs_reconstruction:  # KVzip: one reconstruction of the full cache for all its cells
-            start = device_time(model_device(model))
+            start = device_time(device)
             cells = reconstruction_choices(
                 model, tokenizer, cache, scorer, layout, context, len(ids), ratio_list, policies, seed
             )
             kept.update({Cell(name, *cell): chosen for cell, chosen in cells.items()})
-            score_s[name] = device_time(model_device(model)) - start
+            score_s[name] = device_time(device) - start
     return SharedPrefill(
         model=model,
         tokenizer=tokenizer,
